@@ -1,0 +1,199 @@
+"""What the fake provider demands, accepts and how it misbehaves: the profile, as data.
+
+The profile is TOML a sysadmin writes once per provider. It is also the input of
+`relay-harness check`, so errors in it must point at a file, a line and a field, like a compiler.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from harness.pki import CERT_KINDS
+
+TlsPolicy = Literal["starttls-required", "starttls-optional", "implicit", "none"]
+AuthPolicy = Literal["required", "optional", "none"]
+Protocol = Literal["smtp", "lmtp"]
+Stage = Literal["connect", "ehlo", "auth", "mail", "rcpt", "data"]
+Drop = Literal["after-ehlo", "after-data"]
+
+MAX_BANNER_DELAY = 60.0  # a fault must end by itself; longer would stall a CI run
+
+
+class ProfileError(Exception):
+    """A profile that cannot be used; str() reads `FILE:LINE: field: message`."""
+
+    def __init__(self, source: str, line: int | None, fieldname: str, message: str) -> None:
+        self.source, self.line, self.field, self.message = source, line, fieldname, message
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {fieldname}: {message}")
+
+
+@dataclass(frozen=True)
+class Credential:
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Misbehaviour on request; every one is bounded (a delay has a ceiling, a drop is final)."""
+
+    tempfail: Stage | None = None
+    drop: Drop | None = None
+    starttls_refused: bool = False
+    auth_advertised: bool = True
+    banner_delay: float = 0.0
+    cert: str = "good"
+
+
+@dataclass(frozen=True)
+class Profile:
+    host: str = "smtp.example.net"
+    port: int = 587
+    tls: TlsPolicy = "starttls-required"
+    auth: AuthPolicy = "required"
+    protocol: Protocol = "smtp"
+    sender_domains: tuple[str, ...] = ()
+    credentials: tuple[Credential, ...] = ()
+    faults: Faults = Faults()
+
+    def check_password(self, user: str, password: str) -> bool:
+        return any(c.user == user and c.password == password for c in self.credentials)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every password the profile knows, for redaction of anything the harness prints."""
+        return tuple(c.password for c in self.credentials if c.password)
+
+    def sender_allowed(self, address: str) -> bool:
+        if not self.sender_domains:
+            return True
+        domain = address.rpartition("@")[2].lower()
+        return domain in {d.lower() for d in self.sender_domains}
+
+
+def load_profile(path: Path) -> Profile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(str(path), None, "profile", f"cannot read: {exc.strerror}") from None
+    return parse_profile(text, str(path))
+
+
+def parse_profile(text: str, source: str = "<profile>") -> Profile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"at line (\d+)", str(exc))
+        raise ProfileError(source, int(m.group(1)) if m else None, "toml", str(exc)) from None
+    return _Reader(text, source).profile(data)
+
+
+class _Reader:
+    """Turns the TOML dict into a Profile, naming the line of the first bad field it meets."""
+
+    _TOP = {"host", "port", "tls", "auth", "protocol", "sender_domains", "credentials", "faults"}
+    _FAULTS = {"tempfail", "drop", "starttls_refused", "auth_advertised", "banner_delay", "cert"}
+
+    def __init__(self, text: str, source: str) -> None:
+        self.lines = text.splitlines()
+        self.source = source
+
+    def error(self, name: str, message: str) -> ProfileError:
+        key = name.rpartition(".")[2].partition("[")[0]
+        pattern = re.compile(rf"^\s*(\[+\s*)?{re.escape(key)}\s*(=|\]|$)")
+        line = next((i for i, s in enumerate(self.lines, 1) if pattern.match(s)), None)
+        return ProfileError(self.source, line, name, message)
+
+    def profile(self, data: dict[str, Any]) -> Profile:
+        self._unknown(data, self._TOP, "")
+        defaults = Profile()
+        host = self._typed(data, "host", str, defaults.host)
+        if not host:
+            raise self.error("host", "must not be empty")
+        port = self._typed(data, "port", int, defaults.port)
+        if not 1 <= port <= 65535:
+            raise self.error("port", f"{port} is not a port number (1-65535)")
+        domains = self._typed(data, "sender_domains", list, [])
+        if not all(isinstance(d, str) and d for d in domains):
+            raise self.error("sender_domains", "must be a list of domain names")
+        return Profile(
+            host=host,
+            port=port,
+            tls=self._choice(data, "tls", get_args(TlsPolicy), defaults.tls),
+            auth=self._choice(data, "auth", get_args(AuthPolicy), defaults.auth),
+            protocol=self._choice(data, "protocol", get_args(Protocol), defaults.protocol),
+            sender_domains=tuple(domains),
+            credentials=self._credentials(data.get("credentials", [])),
+            faults=self._faults(data.get("faults", {})),
+        )
+
+    def _credentials(self, raw: Any) -> tuple[Credential, ...]:
+        if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+            raise self.error("credentials", "must be an array of tables: [[credentials]]")
+        out = []
+        for i, entry in enumerate(raw):
+            name = f"credentials[{i}]"
+            self._unknown(entry, {"user", "password", "password_env"}, f"{name}.")
+            user = entry.get("user")
+            if not isinstance(user, str) or not user:
+                raise self.error(f"{name}.user", "a user name is required")
+            if "password" in entry and "password_env" in entry:
+                raise self.error(f"{name}.password", "give password or password_env, not both")
+            if "password_env" in entry:
+                var = entry["password_env"]
+                if not isinstance(var, str) or var not in os.environ:
+                    raise self.error(f"{name}.password_env", f"environment variable {var!r} is not set")
+                password = os.environ[var]
+            else:
+                password = entry.get("password")
+                if not isinstance(password, str) or not password:
+                    raise self.error(f"{name}.password", "a password (or password_env) is required")
+            out.append(Credential(user, password))
+        return tuple(out)
+
+    def _faults(self, raw: Any) -> Faults:
+        if not isinstance(raw, dict):
+            raise self.error("faults", "must be a table: [faults]")
+        self._unknown(raw, self._FAULTS, "faults.")
+        delay = raw.get("banner_delay", 0.0)
+        if not isinstance(delay, int | float) or isinstance(delay, bool):
+            raise self.error("faults.banner_delay", "must be a number of seconds")
+        if not 0 <= delay <= MAX_BANNER_DELAY:
+            raise self.error("faults.banner_delay", f"must be between 0 and {MAX_BANNER_DELAY:g}")
+        return Faults(
+            tempfail=self._choice(raw, "tempfail", get_args(Stage), None, "faults."),
+            drop=self._choice(raw, "drop", get_args(Drop), None, "faults."),
+            starttls_refused=self._typed(raw, "starttls_refused", bool, False, "faults."),
+            auth_advertised=self._typed(raw, "auth_advertised", bool, True, "faults."),
+            banner_delay=float(delay),
+            cert=self._choice(raw, "cert", CERT_KINDS, "good", "faults."),
+        )
+
+    def _unknown(self, data: dict[str, Any], known: set[str], prefix: str) -> None:
+        for key in data:
+            if key not in known:
+                raise self.error(f"{prefix}{key}", f"unknown field; known: {', '.join(sorted(known))}")
+
+    def _typed(self, data: dict[str, Any], key: str, kind: type, default: Any, prefix: str = "") -> Any:
+        value = data.get(key, default)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(f"{prefix}{key}", f"must be of type {kind.__name__}, not {value!r}")
+        return value
+
+    def _choice(
+        self,
+        data: dict[str, Any],
+        key: str,
+        choices: tuple[Any, ...],
+        default: Any,
+        prefix: str = "",
+    ) -> Any:
+        value = data.get(key, default)
+        if value is not None and value not in choices:
+            raise self.error(f"{prefix}{key}", f"{value!r} is not one of {', '.join(choices)}")
+        return value

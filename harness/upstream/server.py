@@ -1,0 +1,401 @@
+"""The fake provider: aiosmtpd listeners that answer like a real smarthost and record everything.
+
+aiosmtpd's handler hooks (EHLO, MAIL, RCPT, DATA, the authenticator) carry the provider's policy;
+a small subclass adds what hooks cannot see: the connection's lifetime, the TLS layer, the
+replies actually sent, and the faults that act below the command level (banner, drops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+import threading
+import time
+import logging
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from harness.pki import ServerCert, TestPki
+from harness.upstream.policy import Profile
+from harness.upstream.record import AuthAttempt, MessageRecord, Recorder, SessionBuilder
+
+TEMPFAIL = {
+    "connect": "421 4.3.2 Service not available, closing transmission channel",
+    "ehlo": "451 4.3.0 Try again later",
+    "auth": "454 4.7.0 Temporary authentication failure",
+    "mail": "451 4.3.0 Try again later",
+    "rcpt": "451 4.3.0 Try again later",
+    "data": "451 4.3.0 Try again later",
+}
+STARTTLS_REFUSED = "454 4.7.0 TLS not available due to temporary reason"
+SENDER_REJECTED = "550 5.1.8 <{}>: Sender address rejected: Domain not found"
+# aiosmtpd's require_starttls reply lacks the RFC 3463 code that real providers (Postfix) send.
+_AIOSMTPD_STARTTLS_FIRST = "530 Must issue a STARTTLS command first"
+STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+
+_session_ids = itertools.count(1)
+
+# aiosmtpd itself sets the attribute it deprecates on every successful AUTH and logs a warning
+# about it (logger "mail.log"); there is nothing for a user to act on.
+logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
+
+
+class UpstreamError(Exception):
+    """The upstream cannot do what it was asked (typically: cannot listen where told)."""
+
+
+class _Recording:
+    """Mixin over aiosmtpd's SMTP/LMTP: one SessionBuilder per TCP connection, faults below hooks."""
+
+    profile: Profile
+    recorder: Recorder
+    listener: str
+    implicit_tls: bool
+    transport: Any
+    _tls_protocol: Any
+    session: Session | None
+
+    def _init_recording(self, profile: Profile, recorder: Recorder, listener: str, implicit: bool) -> None:
+        self.profile, self.recorder, self.listener = profile, recorder, listener
+        self.implicit_tls = implicit
+        self.builder: SessionBuilder | None = None
+        self.pending: dict[str, Any] | None = None
+
+    def publish(self) -> None:
+        if self.builder is not None:
+            self.recorder.publish(self.builder.snapshot())
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.builder is None:
+            peer = transport.get_extra_info("peername")
+            self.builder = SessionBuilder(
+                id=next(_session_ids),
+                peer=f"{peer[0]}:{peer[1]}" if peer else "?",
+                listener=self.listener,
+                protocol=self.profile.protocol,
+            )
+            if self.implicit_tls:
+                self._note_tls("implicit", transport)
+        else:
+            self._note_tls("starttls", transport)
+        super().connection_made(transport)  # type: ignore[misc]
+        self.publish()
+
+    def _note_tls(self, mode: str, transport: asyncio.BaseTransport) -> None:
+        assert self.builder is not None
+        tls = transport.get_extra_info("ssl_object")
+        if tls is None:
+            return
+        self.builder.tls = "implicit" if mode == "implicit" else "starttls"
+        self.builder.tls_version = tls.version()
+        cipher = tls.cipher()
+        self.builder.tls_cipher = cipher[0] if cipher else None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.finish_message(None)
+        if self.builder is not None and self.builder.ended is None:
+            self.builder.ended = time.time()
+            self.publish()
+        super().connection_lost(error)  # type: ignore[misc]
+
+    async def push(self, status: str | bytes) -> None:
+        if status == _AIOSMTPD_STARTTLS_FIRST:
+            status = STARTTLS_FIRST
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if self.builder is not None:
+            self.builder.replies.append(text)
+        await super().push(status)  # type: ignore[misc]
+
+    async def _handle_client(self) -> None:
+        faults = self.profile.faults
+        if faults.banner_delay:
+            await asyncio.sleep(faults.banner_delay)  # the fault itself: a slow provider
+        if faults.tempfail == "connect":
+            await self.push(TEMPFAIL["connect"])
+            self.transport.close()
+            return
+        await super()._handle_client()  # type: ignore[misc]
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.profile.faults.starttls_refused:
+            await self.push(STARTTLS_REFUSED)
+            return
+        try:
+            await super().smtp_STARTTLS(arg)  # type: ignore[misc]
+        except Exception as exc:
+            if self.builder is not None:
+                self.builder.tls_error = str(exc.__cause__ or exc)
+                self.publish()
+            raise
+
+    async def after_greeting(self) -> None:
+        if self.profile.faults.drop == "after-ehlo":
+            self.transport.close()
+
+    def start_message(self, mail_from: str) -> None:
+        self.finish_message(None)
+        self.pending = {"mail_from": mail_from, "rcpt": [], "rejected": [], "reply": ""}
+
+    def pending_reply(self, reply: str) -> None:
+        if self.pending is not None:
+            self.pending["reply"] = reply
+
+    def finish_message(self, data: tuple[bytes, str] | None) -> None:
+        """Close the current transaction into a MessageRecord (accepted only with a DATA reply)."""
+        if self.pending is None or self.builder is None:
+            return
+        body, reply = data if data else (b"", self.pending["reply"])
+        self.builder.messages.append(
+            MessageRecord(
+                mail_from=self.pending["mail_from"],
+                rcpt_to=tuple(self.pending["rcpt"]),
+                rejected_rcpt_to=tuple(self.pending["rejected"]),
+                size=len(body),
+                reply=reply,
+                accepted=data is not None and reply.startswith("2"),
+                body=body,
+            )
+        )
+        self.pending = None
+        self.publish()
+
+
+class RecordingSMTP(_Recording, SMTP):
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await super().smtp_EHLO(hostname)
+        await self.after_greeting()
+
+
+class RecordingLMTP(_Recording, LMTP):
+    async def smtp_LHLO(self, arg: str) -> None:
+        await super().smtp_LHLO(arg)
+        await self.after_greeting()
+
+
+class ProviderHandler:
+    """aiosmtpd hooks that apply the profile's policy, in the provider's own words."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self._queue_ids = itertools.count(1)
+
+    async def handle_EHLO(
+        self,
+        server: _Recording,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if server.builder is not None:
+            server.builder.ehlo = hostname
+        if self.profile.faults.tempfail == "ehlo":
+            return [TEMPFAIL["ehlo"]]
+        if self.profile.auth == "none" or not self.profile.faults.auth_advertised:
+            responses = [r for r in responses if not r[4:].startswith("AUTH")]
+        return responses
+
+    async def handle_MAIL(
+        self,
+        server: _Recording,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        server.start_message(address)
+        if self.profile.faults.tempfail == "mail":
+            server.pending_reply(TEMPFAIL["mail"])
+            return TEMPFAIL["mail"]
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: _Recording,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        pending = server.pending
+        reply = "250 2.1.5 Ok"
+        if not self.profile.sender_allowed(envelope.mail_from or ""):
+            reply = SENDER_REJECTED.format(envelope.mail_from)
+        elif self.profile.faults.tempfail == "rcpt":
+            reply = TEMPFAIL["rcpt"]
+        if pending is not None:
+            pending["rcpt" if reply.startswith("2") else "rejected"].append(address)
+            pending["reply"] = reply
+        if reply.startswith("2"):
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        return reply
+
+    async def handle_DATA(self, server: _Recording, session: Session, envelope: Envelope) -> str:
+        body = envelope.original_content or envelope.content or b""
+        assert isinstance(body, bytes)
+        if self.profile.faults.drop == "after-data":
+            server.finish_message((body, "(connection dropped by fault after DATA)"))
+            server.transport.abort()
+            return "451 4.3.0 unreachable: the connection is already gone"
+        if self.profile.faults.tempfail == "data":
+            reply = TEMPFAIL["data"]
+        else:
+            reply = f"250 2.0.0 Ok: queued as RH{next(self._queue_ids):06d}"
+        server.finish_message((body, reply))
+        if self.profile.protocol == "lmtp":
+            # LMTP answers once per accepted recipient (RFC 2033); aiosmtpd sends only one.
+            for _ in envelope.rcpt_tos[1:]:
+                await server.push(reply)
+        return reply
+
+    def authenticator(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert isinstance(server, _Recording)
+        over_tls = server.implicit_tls or getattr(server, "_tls_protocol", None) is not None
+        user = password = ""
+        if isinstance(data, LoginPassword):
+            user = data.login.decode("utf-8", "replace")
+            password = data.password.decode("utf-8", "replace")
+        if self.profile.faults.tempfail == "auth":
+            ok, message = False, TEMPFAIL["auth"]
+        else:
+            ok, message = self.profile.check_password(user, password), None
+        if server.builder is not None:
+            server.builder.auth.append(AuthAttempt(mechanism, user, ok, over_tls))
+            server.publish()
+        return AuthResult(success=ok, handled=False, message=message, auth_data=data if ok else None)
+
+
+class UpstreamServer:
+    """One listener of the fake provider, served from its own event-loop thread.
+
+    A thread, not the caller's loop, because the harness's callers are synchronous (pytest, the
+    CLI, SSH-driven targets) and must be able to block on the recorder while mail flows.
+    aiosmtpd's Controller is not used: its readiness probe opens a connection of its own, which
+    would show up as a session in the records.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        pki: TestPki,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.profile = profile
+        self.pki = pki
+        self.host = host
+        self.port = profile.port if port is None else port
+        self.recorder = recorder or Recorder()
+        self.cert: ServerCert = pki.server_cert(profile.host, profile.faults.cert)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+        self._protocols: weakref.WeakSet[_Recording] = weakref.WeakSet()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def _factory(self) -> SMTP:
+        profile = self.profile
+        handler = ProviderHandler(profile)
+        tls_context = self.cert.server_context() if profile.tls.startswith("starttls") else None
+        cls = RecordingLMTP if profile.protocol == "lmtp" else RecordingSMTP
+        smtp = cls(
+            handler,
+            hostname=profile.host,
+            ident="ESMTP relay-harness",
+            tls_context=tls_context,
+            require_starttls=profile.tls == "starttls-required",
+            auth_required=profile.auth == "required",
+            auth_require_tls=profile.tls.startswith("starttls"),
+            authenticator=handler.authenticator,
+            decode_data=False,
+            loop=self._loop,
+        )
+        smtp._init_recording(profile, self.recorder, f"{self.host}:{self.port}", profile.tls == "implicit")
+        self._protocols.add(smtp)
+        return smtp
+
+    def start(self) -> UpstreamServer:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            ssl_ctx: ssl.SSLContext | None = None
+            if self.profile.tls == "implicit":
+                ssl_ctx = self.cert.server_context()
+            try:
+                self._server = loop.run_until_complete(
+                    loop.create_server(self._factory, self.host, self.port, ssl=ssl_ctx, reuse_address=True)
+                )
+                sock = self._server.sockets[0]
+                self.port = sock.getsockname()[1]
+            except OSError as exc:
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"upstream-{self.host}:{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            raise UpstreamError(f"cannot listen on {self.host}:{self.port}: {failure[0]}")
+        return self
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for proto in list(self._protocols):
+                if proto.transport is not None:
+                    proto.transport.abort()
+            await asyncio.sleep(0)  # let connection_lost callbacks publish the final records
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        thread.join(timeout=10)
+        self._thread = None
+
+    def __enter__(self) -> UpstreamServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextmanager
+def running_upstream(
+    profile: Profile, pki: TestPki | None = None, host: str = "127.0.0.1", port: int | None = None
+) -> Iterator[UpstreamServer]:
+    with UpstreamServer(profile, pki or TestPki(), host, port) as server:
+        yield server
