@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import ssl
 import threading
 import time
-import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
