@@ -1,0 +1,209 @@
+"""The one small interface every target answers: lab test hosts, existing hosts, the emulation.
+
+A scenario never asks which kind of target it has. It installs a bundle (the config and the
+files it names, as they will ship), checks it, starts smtpd, submits mail, observes, and stops.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+SMTPD_CONF = "/etc/smtpd.conf"
+
+
+class TargetError(Exception):
+    """The target cannot do what was asked; the message says which target and why."""
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """A file the config names (a table, a certificate), put where the config says it is."""
+
+    path: str
+    content: bytes = field(repr=False)
+    mode: int = 0o644
+    owner: str = "root"
+    group: str = "root"
+    secret: bool = False  # its content is credentials: never printed, compared by hash only
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What ships: smtpd.conf verbatim, the files it names, the local users mail goes to."""
+
+    config: str
+    files: tuple[BundleFile, ...] = ()
+    users: tuple[str, ...] = ()
+    config_path: str = SMTPD_CONF
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    """`smtpd -n`'s verdict in its own words; `line` is the config line it blamed, if any."""
+
+    ok: bool
+    output: str
+    line: int | None = None
+    message: str | None = None
+
+    @classmethod
+    def from_output(cls, returncode: int, output: str, config_path: str) -> ConfigCheck:
+        text = output.strip()
+        m = re.search(rf"^{re.escape(config_path)}:(\d+): (.*)$", text, re.MULTILINE)
+        if returncode == 0:
+            return cls(True, text)
+        if m:
+            return cls(False, text, int(m.group(1)), m.group(2))
+        last = text.splitlines()[-1] if text else f"smtpd -n exited {returncode}"
+        return cls(False, text, None, last)
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    """A message to submit: `via="sendmail"` as a local user would, or `via="smtp"` to a listener."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    subject: str = "relay-harness probe"
+    body: str = "This message was sent by relay-harness.\n"
+    via: str = "sendmail"
+    user: str = "root"
+    smtp_address: str = "127.0.0.1"
+    smtp_port: int = 25
+
+    def as_bytes(self) -> bytes:
+        from email.message import EmailMessage
+
+        msg = EmailMessage()
+        msg["From"] = self.sender
+        msg["To"] = ", ".join(self.recipients)
+        msg["Subject"] = self.subject
+        msg.set_content(self.body)
+        return msg.as_bytes()
+
+
+class LogFollower:
+    """smtpd's log as a stream of lines one can wait on, filled by a reader thread.
+
+    Waiting on a pattern (not sleeping) is what lets a check report an AUTH failure the moment
+    smtpd logs it, instead of waiting for a retry that comes minutes later.
+    """
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def feed(self, line: str) -> None:
+        with self._cond:
+            self._lines.append(line)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def lines(self) -> list[str]:
+        with self._cond:
+            return list(self._lines)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def mark(self) -> int:
+        """A position; `wait_for(..., since=mark)` ignores lines logged before it."""
+        with self._cond:
+            return len(self._lines)
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float, since: int = 0) -> re.Match[str]:
+        """The first line from `since` on matching `pattern`; TimeoutError quoting the tail."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            index = since
+            while True:
+                while index < len(self._lines):
+                    m = regex.search(self._lines[index])
+                    index += 1
+                    if m:
+                        return m
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    tail = "\n".join(self._lines[-15:])
+                    why = "smtpd exited" if self._closed else f"not within {timeout:g}s"
+                    raise TimeoutError(f"no log line matched {regex.pattern!r} ({why}); last lines:\n{tail}")
+                self._cond.wait(remaining)
+
+    def matching(self, pattern: str, since: int = 0) -> list[str]:
+        regex = re.compile(pattern)
+        return [line for line in self.lines[since:] if regex.search(line)]
+
+
+class Target(ABC):
+    """Where a config runs. Implementations: SshTarget (lab test hosts, existing hosts), emulated."""
+
+    name: str
+
+    @abstractmethod
+    def install(self, bundle: Bundle) -> None:
+        """Put the bundle in place with the owners and modes smtpd needs."""
+
+    @abstractmethod
+    def check_config(self, config_path: str = SMTPD_CONF) -> ConfigCheck:
+        """`smtpd -n`: does smtpd accept the config (and open every table it names)?"""
+
+    @abstractmethod
+    def start(self, config_path: str = SMTPD_CONF) -> LogFollower:
+        """A fresh smtpd with an empty queue; returns its log, followed live."""
+
+    @abstractmethod
+    def submit(self, mail: OutgoingMail) -> str:
+        """Hand a message to smtpd; returns what the submitting program printed."""
+
+    @abstractmethod
+    def queue(self) -> str:
+        """`smtpctl show queue` as printed."""
+
+    @abstractmethod
+    def mailbox(self, user: str) -> bytes:
+        """The user's mbox content (empty when there is none)."""
+
+    @abstractmethod
+    def point(self, names: Iterable[str], address: str) -> None:
+        """Make the given host names resolve to `address` for smtpd (the fake upstream)."""
+
+    @abstractmethod
+    def trust(self, ca_pem: bytes) -> None:
+        """Make smtpd trust this CA (the harness's test CA) in place of the system bundle."""
+
+    @abstractmethod
+    def upstream_address(self) -> str:
+        """The address on this machine where an upstream must listen to be reached by the target."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the smtpd that `start` started (idempotent)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop everything and give back what the target changed."""
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def shell_quote_all(args: Sequence[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in args)

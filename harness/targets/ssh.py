@@ -1,0 +1,245 @@
+"""A target reached over SSH: a lab test host, or an existing machine (staging, after an upgrade).
+
+Everything here is plain SSH: commands, SFTP and one long-lived channel carrying smtpd's log.
+That is deliberate: the code that drives a lab host is the code that drives a staging host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import paramiko
+
+from harness.redact import Redactor, secrets_table_credentials
+from harness.targets.base import (
+    SMTPD_CONF,
+    Bundle,
+    BundleFile,
+    ConfigCheck,
+    LogFollower,
+    OutgoingMail,
+    Target,
+    TargetError,
+)
+
+SMTPD = "/usr/sbin/smtpd"
+SMTPCTL = "/usr/sbin/smtpctl"
+# OpenBSD's names for smtpd's group; a config written there says root:_smtpd for the secrets table.
+OPENBSD_GROUPS = {"_smtpd": "opensmtpd", "_smtpq": "opensmtpq"}
+READY = r"smtp: will accept at most \d+ clients"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return (self.stdout + self.stderr).strip()
+
+
+class SshTarget(Target):
+    """Drives smtpd on a host through a connected paramiko client."""
+
+    def __init__(
+        self,
+        name: str,
+        client: paramiko.SSHClient,
+        upstream_address: str,
+        fresh_spool: str | None = None,
+        redactor: Redactor | None = None,
+    ) -> None:
+        self.name = name
+        self.client = client
+        self._upstream_address = upstream_address
+        self._fresh_spool = fresh_spool
+        self.redactor = redactor or Redactor()
+        self._smtpd: paramiko.Channel | None = None
+        self._smtpd_pid: int | None = None
+        self._reader: threading.Thread | None = None
+        self.log = LogFollower()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def run(self, command: str, stdin: bytes | None = None, timeout: float = 60) -> CommandResult:
+        try:
+            chan = self._session()
+            chan.settimeout(timeout)
+            chan.exec_command(command)
+            if stdin is not None:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = _read_all(chan)
+            rc = chan.recv_exit_status()
+        except TimeoutError as exc:
+            raise TargetError(f"{self.name}: {command!r} did not finish within {timeout:g}s") from exc
+        except (paramiko.SSHException, OSError) as exc:
+            raise TargetError(f"{self.name}: SSH failed running {command!r}: {exc}") from exc
+        return CommandResult(command, rc, self.redact(out), self.redact(err))
+
+    def check(self, command: str, stdin: bytes | None = None, timeout: float = 60) -> CommandResult:
+        result = self.run(command, stdin, timeout)
+        if result.returncode != 0:
+            raise TargetError(f"{self.name}: {command!r} exited {result.returncode}: {result.output}")
+        return result
+
+    def _session(self) -> paramiko.Channel:
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise TargetError(f"{self.name}: the SSH connection is closed")
+        return transport.open_session()
+
+    def redact(self, text: str) -> str:
+        return self.redactor(text)
+
+    def write_file(
+        self, path: str, content: bytes, mode: int = 0o644, owner: str = "root", group: str = "root"
+    ) -> None:
+        group = self._group(group)
+        self.check(f"mkdir -p {shlex.quote(path.rpartition('/')[0] or '/')}")
+        try:
+            with self.client.open_sftp() as sftp, sftp.file(path, "wb") as fh:
+                fh.write(content)
+        except (OSError, paramiko.SSHException) as exc:
+            raise TargetError(f"{self.name}: cannot write {path}: {exc}") from exc
+        self.check(
+            f"chown {shlex.quote(owner)}:{shlex.quote(group)} {shlex.quote(path)} && "
+            f"chmod {mode:o} {shlex.quote(path)}"
+        )
+
+    def read_file(self, path: str) -> bytes:
+        try:
+            with self.client.open_sftp() as sftp, sftp.file(path, "rb") as fh:
+                return bytes(fh.read())
+        except FileNotFoundError:
+            return b""
+        except (OSError, paramiko.SSHException) as exc:
+            raise TargetError(f"{self.name}: cannot read {path}: {exc}") from exc
+
+    def _group(self, group: str) -> str:
+        """OpenBSD's `_smtpd` is Debian's `opensmtpd`: map it when the host lacks the former."""
+        if group in OPENBSD_GROUPS and self.run(f"getent group {shlex.quote(group)}").returncode != 0:
+            return OPENBSD_GROUPS[group]
+        return group
+
+    # -- Target ---------------------------------------------------------------------------------
+    def install(self, bundle: Bundle) -> None:
+        for user in bundle.users:
+            q = shlex.quote(user)
+            self.check(f"id -u {q} >/dev/null 2>&1 || useradd -M -N -s /usr/sbin/nologin {q}")
+        self.write_file(bundle.config_path, bundle.config.encode(), 0o644)
+        for f in bundle.files:
+            self.install_file(f)
+
+    def install_file(self, f: BundleFile) -> None:
+        if f.secret:
+            for user, password in secrets_table_credentials(f.content):
+                self.redactor.add(user, password)
+        self.write_file(f.path, f.content, f.mode, f.owner, f.group)
+
+    def makemap(self, path: str, aliases: bool = False) -> CommandResult:
+        """Build `path.db` from `path`, as an admin runs makemap/newaliases after an edit."""
+        kind = "-t aliases " if aliases else ""
+        return self.check(f"makemap {kind}{shlex.quote(path)}")
+
+    def check_config(self, config_path: str = SMTPD_CONF) -> ConfigCheck:
+        result = self.run(f"{SMTPD} -n -f {shlex.quote(config_path)}")
+        return ConfigCheck.from_output(result.returncode, result.output, config_path)
+
+    def start(self, config_path: str = SMTPD_CONF, trace: str | None = None) -> LogFollower:
+        self.stop()
+        if self._fresh_spool:
+            self.check(self._fresh_spool)
+        flags = f"-T {shlex.quote(trace)} " if trace else ""
+        command = f"echo relay-harness-pid $$; exec {SMTPD} -d -v {flags}-f {shlex.quote(config_path)} 2>&1"
+        self.log = LogFollower()
+        chan = self._session()
+        chan.set_combine_stderr(True)
+        chan.exec_command(f"sh -c {shlex.quote(command)}")
+        self._smtpd = chan
+        self._reader = threading.Thread(
+            target=self._follow, args=(chan, self.log), daemon=True, name=f"smtpd-log-{self.name}"
+        )
+        self._reader.start()
+        first = self.log.wait_for(r"^relay-harness-pid (\d+)$", 10)
+        self._smtpd_pid = int(first.group(1))
+        return self.log
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        """Until smtpd's control socket answers: only then are local submissions accepted."""
+        try:
+            self.log.wait_for(READY, timeout)
+        except TimeoutError as exc:
+            raise TargetError(f"{self.name}: smtpd did not start:\n{self.redact(str(exc))}") from None
+
+    def _follow(self, chan: paramiko.Channel, log: LogFollower) -> None:
+        with contextlib.suppress(OSError, paramiko.SSHException):
+            buf = b""
+            while True:
+                data = chan.recv(65536)
+                if not data:
+                    break
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    log.feed(self.redact(line.decode("utf-8", "replace").rstrip("\r")))
+            if buf:
+                log.feed(self.redact(buf.decode("utf-8", "replace")))
+        log.close()
+
+    def submit(self, mail: OutgoingMail) -> str:
+        if mail.via == "smtp":
+            raise TargetError(f"{self.name}: SMTP submission is not implemented on SSH targets yet")
+        rcpts = " ".join(shlex.quote(r) for r in mail.recipients)
+        command = f"/usr/sbin/sendmail -f {shlex.quote(mail.sender)} {rcpts}"
+        if mail.user != "root":
+            command = f"su -s /bin/sh {shlex.quote(mail.user)} -c {shlex.quote(command)}"
+        result = self.run(command, stdin=mail.as_bytes())
+        if result.returncode != 0:
+            raise TargetError(f"{self.name}: sendmail exited {result.returncode}: {result.output}")
+        return result.output
+
+    def queue(self) -> str:
+        return self.run(f"{SMTPCTL} show queue").output
+
+    def mailbox(self, user: str) -> bytes:
+        return self.read_file(f"/var/mail/{user}")
+
+    def point(self, names: Iterable[str], address: str) -> None:
+        entries = "".join(f"{address}\t{name}\n" for name in names)
+        self.check("cat >> /etc/hosts", stdin=entries.encode())
+
+    def trust(self, ca_pem: bytes) -> None:
+        self.write_file("/etc/ssl/certs/ca-certificates.crt", ca_pem, 0o644)
+
+    def upstream_address(self) -> str:
+        return self._upstream_address
+
+    def stop(self) -> None:
+        chan, pid = self._smtpd, self._smtpd_pid
+        self._smtpd = self._smtpd_pid = None
+        if chan is None:
+            return
+        if pid is not None and not chan.exit_status_ready():
+            self.run(f"kill -TERM {pid} 2>/dev/null; true")
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        chan.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(TargetError):
+            self.stop()
+        self.client.close()
+
+
+def _read_all(chan: paramiko.Channel) -> tuple[str, str]:
+    """stdout then stderr; fine for command-sized output (paramiko buffers stderr meanwhile)."""
+    out = chan.makefile("rb").read()
+    err = chan.makefile_stderr("rb").read()
+    return out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
