@@ -384,6 +384,11 @@ class Lab:
             raise
         return host
 
+    def destroy_host(self, host: LabHost) -> None:
+        host.destroy()
+        if host in self.hosts:
+            self.hosts.remove(host)
+
     def close(self) -> None:
         for host in reversed(self.hosts):
             host.destroy()

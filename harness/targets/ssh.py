@@ -169,6 +169,7 @@ class SshTarget(Target):
         self._reader.start()
         first = self.log.wait_for(r"^relay-harness-pid (\d+)$", 10)
         self._smtpd_pid = int(first.group(1))
+        self.wait_ready()
         return self.log
 
     def wait_ready(self, timeout: float = 10) -> None:
@@ -176,6 +177,7 @@ class SshTarget(Target):
         try:
             self.log.wait_for(READY, timeout)
         except TimeoutError as exc:
+            self.stop()
             raise TargetError(f"{self.name}: smtpd did not start:\n{self.redact(str(exc))}") from None
 
     def _follow(self, chan: paramiko.Channel, log: LogFollower) -> None:

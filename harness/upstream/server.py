@@ -13,13 +13,15 @@ import logging
 import ssl
 import threading
 import time
+import warnings
 import weakref
+from asyncio import sslproto
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from harness.pki import ServerCert, TestPki
 from harness.upstream.policy import Profile
@@ -40,10 +42,15 @@ _AIOSMTPD_STARTTLS_FIRST = "530 Must issue a STARTTLS command first"
 STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 
 _session_ids = itertools.count(1)
+log = logging.getLogger(__name__)
 
 # aiosmtpd itself sets the attribute it deprecates on every successful AUTH and logs a warning
 # about it (logger "mail.log"); there is nothing for a user to act on.
 logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
+# AUTH without STARTTLS is always deliberate here: the session is already TLS (implicit), or the
+# profile says tls = "none". aiosmtpd warns about it (a warning and a log line) on every connection.
+logging.getLogger("mail.log").addFilter(lambda record: "auth_require_tls == False" not in record.getMessage())
+warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning, "aiosmtpd")
 
 
 class UpstreamError(Exception):
@@ -57,15 +64,20 @@ class _Recording:
     recorder: Recorder
     listener: str
     implicit_tls: bool
+    implicit_context: ssl.SSLContext | None
     transport: Any
     _tls_protocol: Any
     session: Session | None
 
-    def _init_recording(self, profile: Profile, recorder: Recorder, listener: str, implicit: bool) -> None:
+    def _init_recording(
+        self, profile: Profile, recorder: Recorder, listener: str, implicit: ssl.SSLContext | None
+    ) -> None:
         self.profile, self.recorder, self.listener = profile, recorder, listener
-        self.implicit_tls = implicit
+        self.implicit_tls = implicit is not None
+        self.implicit_context = implicit
         self.builder: SessionBuilder | None = None
         self.pending: dict[str, Any] | None = None
+        self.raw_transport: asyncio.Transport | None = None  # implicit TLS: the TCP layer
 
     def publish(self) -> None:
         if self.builder is not None:
@@ -80,11 +92,38 @@ class _Recording:
                 listener=self.listener,
                 protocol=self.profile.protocol,
             )
-            if self.implicit_tls:
-                self._note_tls("implicit", transport)
+            if self.implicit_context is not None:
+                self._start_implicit_tls(transport)
+                self.publish()
+                return
         else:
-            self._note_tls("starttls", transport)
+            self._note_tls("implicit" if self.implicit_tls else "starttls", transport)
         super().connection_made(transport)  # type: ignore[misc]
+        self.publish()
+
+    def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
+        """TLS on connect, done here rather than by the listener so a failed handshake is recorded.
+
+        With `create_server(ssl=...)` a handshake the client rejects (a bad certificate) never
+        reaches the protocol. Here the TLS layer calls connection_made again once it is up, and
+        the SMTP session starts then, exactly as it would have.
+        """
+        assert isinstance(transport, asyncio.Transport) and self.implicit_context is not None
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        tls = sslproto.SSLProtocol(loop, self, self.implicit_context, waiter, server_side=True)  # type: ignore[arg-type]
+        self.raw_transport = transport
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        waiter.add_done_callback(self._implicit_tls_done)
+
+    def _implicit_tls_done(self, waiter: asyncio.Future[None]) -> None:
+        error = None if waiter.cancelled() else waiter.exception()
+        if error is None or self.builder is None:
+            return
+        self.builder.tls_error = str(error) or type(error).__name__
+        if self.builder.ended is None:
+            self.builder.ended = time.time()
         self.publish()
 
     def _note_tls(self, mode: str, transport: asyncio.BaseTransport) -> None:
@@ -105,6 +144,8 @@ class _Recording:
         super().connection_lost(error)  # type: ignore[misc]
 
     async def push(self, status: str | bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # a fault closed the connection: nothing is sent, so nothing is recorded
         if status == _AIOSMTPD_STARTTLS_FIRST:
             status = STARTTLS_FIRST
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
@@ -193,11 +234,11 @@ class ProviderHandler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        session.host_name = hostname
         if server.builder is not None:
             server.builder.ehlo = hostname
         if self.profile.faults.tempfail == "ehlo":
-            return [TEMPFAIL["ehlo"]]
+            return [TEMPFAIL["ehlo"]]  # and no host_name: MAIL stays refused (503) as after no EHLO
+        session.host_name = hostname
         if self.profile.auth == "none" or not self.profile.faults.auth_advertised:
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
         return responses
@@ -258,6 +299,14 @@ class ProviderHandler:
                 await server.push(reply)
         return reply
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A client refusing our certificate is an expected event here, not a crash to print."""
+        if isinstance(error, TLSSetupException):
+            log.info("TLS handshake failed: %s", error.__cause__ or error)
+            return "454 4.7.0 TLS handshake failed"  # never sent: aiosmtpd closes the connection
+        log.exception("SMTP session exception")
+        return f"500 Error: ({type(error).__name__}) {error}"
+
     def authenticator(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
     ) -> AuthResult:
@@ -300,6 +349,7 @@ class UpstreamServer:
         self.port = profile.port if port is None else port
         self.recorder = recorder or Recorder()
         self.cert: ServerCert = pki.server_cert(profile.host, profile.faults.cert)
+        self._tls_context = self.cert.server_context()  # built once: loading a chain costs ~1 ms
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
@@ -312,7 +362,7 @@ class UpstreamServer:
     def _factory(self) -> SMTP:
         profile = self.profile
         handler = ProviderHandler(profile)
-        tls_context = self.cert.server_context() if profile.tls.startswith("starttls") else None
+        tls_context = self._tls_context if profile.tls.startswith("starttls") else None
         cls = RecordingLMTP if profile.protocol == "lmtp" else RecordingSMTP
         smtp = cls(
             handler,
@@ -326,7 +376,8 @@ class UpstreamServer:
             decode_data=False,
             loop=self._loop,
         )
-        smtp._init_recording(profile, self.recorder, f"{self.host}:{self.port}", profile.tls == "implicit")
+        implicit = self._tls_context if profile.tls == "implicit" else None
+        smtp._init_recording(profile, self.recorder, f"{self.host}:{self.port}", implicit)
         self._protocols.add(smtp)
         return smtp
 
@@ -337,12 +388,9 @@ class UpstreamServer:
         def run() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
-            ssl_ctx: ssl.SSLContext | None = None
-            if self.profile.tls == "implicit":
-                ssl_ctx = self.cert.server_context()
             try:
                 self._server = loop.run_until_complete(
-                    loop.create_server(self._factory, self.host, self.port, ssl=ssl_ctx, reuse_address=True)
+                    loop.create_server(self._factory, self.host, self.port, reuse_address=True)
                 )
                 sock = self._server.sockets[0]
                 self.port = sock.getsockname()[1]
@@ -373,8 +421,9 @@ class UpstreamServer:
             if self._server is not None:
                 self._server.close()
             for proto in list(self._protocols):
-                if proto.transport is not None:
-                    proto.transport.abort()
+                transport = proto.transport or proto.raw_transport
+                if transport is not None and not transport.is_closing():
+                    transport.abort()
             await asyncio.sleep(0)  # let connection_lost callbacks publish the final records
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:

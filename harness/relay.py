@@ -1,0 +1,76 @@
+"""One config under test wired to one fake upstream on one target: the unit every check runs.
+
+Order matters and is the same everywhere (tests, `check`, scenarios, benchmarks): install the
+bundle verbatim, point the smarthost's name at the upstream, trust the test CA, let smtpd judge
+the config, then start the upstream and a fresh smtpd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from harness.pki import TestPki
+from harness.upstream import MessageRecord, Profile, SessionRecord, UpstreamServer
+from harness.targets.base import Bundle, ConfigCheck, LogFollower, OutgoingMail, Target, TargetError
+
+# smtpd logs one line per delivery attempt, relayed (mta, quoted fields) or local (mda, bare):
+#   mta delivery evpid=.. from=<..> to=<..> rcpt=<-> source=".." relay=".." delay=0s result="Ok" stat="250 .."
+#   mda delivery evpid=.. from=<..> to=<..> rcpt=<..> user=alice delay=0s result=Ok stat=Delivered
+DELIVERY = (
+    r"(?P<agent>mta|mda) delivery evpid=\S+ from=<(?P<sender>[^>]*)> to=<(?P<rcpt>[^>]*)>"
+    r"(?: rcpt=<[^>]*>)?(?:.* user=(?P<user>\S+))?.* result=\"?(?P<result>\w+)\"? stat=\"?(?P<stat>[^\"]*)\"?$"
+)
+
+
+class ConfigRejected(TargetError):
+    """smtpd -n refused the config; `check` carries smtpd's message and the line it blamed."""
+
+    def __init__(self, target: str, check: ConfigCheck) -> None:
+        self.check = check
+        where = f"line {check.line}: " if check.line else ""
+        super().__init__(f"{target}: smtpd refused the config: {where}{check.message}")
+
+
+@dataclass
+class RelayRun:
+    target: Target
+    upstream: UpstreamServer
+    log: LogFollower
+    check: ConfigCheck
+
+    def send(self, mail: OutgoingMail) -> int:
+        """Submit and return a log mark: what smtpd logs about this mail comes after it."""
+        mark = self.log.mark()
+        self.target.submit(mail)
+        return mark
+
+    def wait_relayed(
+        self, timeout: float, predicate: Callable[[SessionRecord, MessageRecord], bool] | None = None
+    ) -> tuple[SessionRecord, MessageRecord]:
+        """The first message the upstream accepted (matching `predicate`), as soon as it arrives."""
+        return self.upstream.recorder.wait_for_message(
+            lambda s, m: m.accepted and (predicate is None or predicate(s, m)), timeout
+        )
+
+    def wait_log(self, pattern: str, timeout: float, since: int = 0) -> str:
+        return self.log.wait_for(pattern, timeout, since).string
+
+
+@contextmanager
+def relay_run(
+    target: Target, bundle: Bundle, profile: Profile, pki: TestPki, extra_names: tuple[str, ...] = ()
+) -> Iterator[RelayRun]:
+    target.install(bundle)
+    target.point((profile.host, *extra_names), target.upstream_address())
+    target.trust(pki.ca_pem)
+    check = target.check_config(bundle.config_path)
+    if not check.ok:
+        raise ConfigRejected(target.name, check)
+    with UpstreamServer(profile, pki, target.upstream_address()) as upstream:
+        log = target.start(bundle.config_path)
+        try:
+            yield RelayRun(target, upstream, log, check)
+        finally:
+            target.stop()
