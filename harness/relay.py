@@ -12,15 +12,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.pki import TestPki
-from harness.upstream import MessageRecord, Profile, SessionRecord, UpstreamServer
 from harness.targets.base import Bundle, ConfigCheck, LogFollower, OutgoingMail, Target, TargetError
+from harness.upstream import MessageRecord, Profile, SessionRecord, UpstreamServer
 
 # smtpd logs one line per delivery attempt, relayed (mta, quoted fields) or local (mda, bare):
 #   mta delivery evpid=.. from=<..> to=<..> rcpt=<-> source=".." relay=".." delay=0s result="Ok" stat="250 .."
 #   mda delivery evpid=.. from=<..> to=<..> rcpt=<..> user=alice delay=0s result=Ok stat=Delivered
 DELIVERY = (
     r"(?P<agent>mta|mda) delivery evpid=\S+ from=<(?P<sender>[^>]*)> to=<(?P<rcpt>[^>]*)>"
-    r"(?: rcpt=<[^>]*>)?(?:.* user=(?P<user>\S+))?.* result=\"?(?P<result>\w+)\"? stat=\"?(?P<stat>[^\"]*)\"?$"
+    r"(?: rcpt=<[^>]*>)?(?:.* user=(?P<user>\S+))?"
+    r".* result=\"?(?P<result>\w+)\"? stat=\"?(?P<stat>[^\"]*)\"?$"
 )
 
 

@@ -95,7 +95,7 @@ def test_smtps_uses_implicit_tls_on_465(lab_host: LabHost, relay_pki: TestPki) -
     conf = config("smtps://label@smtp.example.net")
     with relay_run(lab_host.target, bundle(conf), provider(465, "implicit"), relay_pki) as run:
         run.send(OUT)
-        session, message = run.wait_relayed(10)
+        session, _ = run.wait_relayed(10)
     assert session.tls == "implicit"
     assert session.listener.endswith(":465")
     assert session.authenticated_user == "alice@example.org"
@@ -160,9 +160,11 @@ def test_article_config_verbatim_is_refused_with_no_such_dispatcher(
 ) -> None:
     assert lab_host.target is not None
     text = ARTICLE.read_text()
-    with pytest.raises(ConfigRejected) as refused:
-        with relay_run(lab_host.target, bundle(text), provider(), relay_pki):
-            pass
+    with (
+        pytest.raises(ConfigRejected) as refused,
+        relay_run(lab_host.target, bundle(text), provider(), relay_pki),
+    ):
+        pass
     check = refused.value.check
     assert check.message == "no such dispatcher: outbound"
     lines = text.splitlines()

@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 SMTPD_CONF = "/etc/smtpd.conf"
@@ -98,16 +98,26 @@ class LogFollower:
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._subscribers: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` on every new line and at the end; returns the unsubscriber."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
 
     def feed(self, line: str) -> None:
         with self._cond:
             self._lines.append(line)
             self._cond.notify_all()
+        for callback in list(self._subscribers):
+            callback()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        for callback in list(self._subscribers):
+            callback()
 
     @property
     def lines(self) -> list[str]:

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything relay-harness needs on a fresh Debian (bookworm) machine, as root.
+# Idempotent: safe to run again. Creates ./.venv with the harness installed (editable).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "ci/setup.sh: run as root (apt-get, network namespaces): sudo $0" >&2
+    exit 2
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# Installing opensmtpd starts the system smtpd unless policy-rc.d says no; the harness runs its
+# own smtpd instances in test hosts and wants the machine's port 25 left alone.
+made_policy=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+fi
+cleanup() { if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; }
+trap cleanup EXIT
+
+need=()
+for pkg in opensmtpd openssh-server iproute2 swaks util-linux ca-certificates python3-venv; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[dev]'
+echo "ci/setup.sh: ready (OpenSMTPD $(dpkg-query -W -f='${Version}' opensmtpd), venv .venv)"
