@@ -104,10 +104,40 @@ class _Reader:
         self.source = source
 
     def error(self, name: str, message: str) -> ProfileError:
-        key = name.rpartition(".")[2].partition("[")[0]
-        pattern = re.compile(rf"^\s*(\[+\s*)?{re.escape(key)}\s*(=|\]|$)")
-        line = next((i for i, s in enumerate(self.lines, 1) if pattern.match(s)), None)
-        return ProfileError(self.source, line, name, message)
+        return ProfileError(self.source, self._line(name), name, message)
+
+    def _line(self, name: str) -> int | None:
+        """The line of field `name` (`port`, `faults.cert`, `credentials[1].user`) in its own table.
+
+        A field that is missing points at its table's header; inline tables and dotted keys at
+        the top level point at the line that holds them.
+        """
+        m = re.fullmatch(r"(?:(\w+)(?:\[(\d+)\])?\.)?(\w+)", name)
+        if m is None:
+            return None
+        table, index, key = m.groups()
+        headers = [
+            (i, h.group(1))
+            for i, s in enumerate(self.lines)
+            if (h := re.match(r"^\s*\[\[?\s*([\w.-]+)\s*\]\]?\s*(#.*)?$", s))
+        ]
+        bounds = [i for i, _ in headers] + [len(self.lines)]
+        root = (0, bounds[0])
+        if table is None:
+            own = [i for i, h in headers if h == key]
+            return self._find(key, *root) or (own[0] + 1 if own else None)
+        sections = [(i, bounds[n + 1]) for n, (i, h) in enumerate(headers) if h == table]
+        if index is not None:
+            sections = sections[int(index) : int(index) + 1]
+        if sections:
+            start, end = sections[0]
+            return self._find(key, start + 1, end) or start + 1
+        return self._find(f"{table}.{key}", *root) or self._find(table, *root)
+
+    def _find(self, key: str, start: int, end: int) -> int | None:
+        """1-based line of `key = ...` (the key bare or quoted) in lines[start:end]."""
+        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        return next((i + 1 for i in range(start, end) if pattern.match(self.lines[i])), None)
 
     def profile(self, data: dict[str, Any]) -> Profile:
         self._unknown(data, self._TOP, "")
@@ -146,8 +176,10 @@ class _Reader:
                 raise self.error(f"{name}.password", "give password or password_env, not both")
             if "password_env" in entry:
                 var = entry["password_env"]
-                if not isinstance(var, str) or var not in os.environ:
-                    raise self.error(f"{name}.password_env", f"environment variable {var!r} is not set")
+                if not isinstance(var, str) or not os.environ.get(var):
+                    raise self.error(
+                        f"{name}.password_env", f"environment variable {var!r} is not set or empty"
+                    )
                 password = os.environ[var]
             else:
                 password = entry.get("password")
