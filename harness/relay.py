@@ -22,7 +22,6 @@ DELIVERY = (
     r"(?P<agent>mta|mda) delivery evpid=\S+ from=<(?P<sender>[^>]*)> to=<(?P<rcpt>[^>]*)>"
     r"(?: rcpt=<[^>]*>)?(?:.* user=(?P<user>\S+))?"
     r".* result=\"?(?P<result>\w+)\"? stat=\"?(?P<stat>[^\"]*)\"?$"
-    r".* result=\"?(?P<result>\w+)\"? stat=\"?(?P<stat>[^\"]*)\"?$"
 )
 
 
