@@ -83,6 +83,53 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the config in a real smtpd on a lab test host against the provider profile."""
+    from harness.check import CheckInput, CheckUsageError, lab_target, parse_table_flags, run_check
+    from harness.report import text_report, write_json, write_junit
+    from harness.targets.base import TargetError
+
+    try:
+        config_text = args.config.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{args.config}: cannot read: {exc.strerror}") from None
+    try:
+        profile = load_profile(args.upstream)
+        tables = parse_table_flags(args.table or [])
+    except (ProfileError, CheckUsageError) as exc:
+        raise UsageError(str(exc)) from None
+    inp = CheckInput(args.config, config_text, profile, tables)
+    pki = TestPki()
+    try:
+        with lab_target(pki) as target:
+            report = run_check(target, inp, pki)
+    except CheckUsageError as exc:
+        raise UsageError(str(exc)) from None
+    except (TargetError, UpstreamError) as exc:
+        raise UsageError(str(exc)) from None
+    print(text_report(report), flush=True)
+    if args.report_json:
+        write_json(report, args.report_json)
+    if args.junit:
+        write_junit(report, args.junit)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_lab_clean(args: argparse.Namespace) -> int:
+    """Remove what a killed run left: namespaces (and their processes) and temp dirs."""
+    from harness.targets.lab import LabError, check_environment, clean_stale
+
+    try:
+        check_environment()
+    except LabError as exc:
+        raise UsageError(str(exc)) from None
+    removed = clean_stale()
+    for item in removed:
+        print(f"removed {item}")
+    print(f"relay-harness lab clean: {len(removed)} item(s) removed")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relay-harness", description="End-to-end tests of OpenSMTPD relay configurations."
@@ -95,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--certs", type=Path, default=Path("certs"), help="where the CA and leaf live")
     up.add_argument("--record", type=Path, help="append one JSON object per finished session here")
     up.set_defaults(func=cmd_upstream)
+
+    check = sub.add_parser("check", help="check that an smtpd.conf relays as meant (real smtpd, lab host)")
+    check.add_argument("config", type=Path, help="the smtpd.conf as it will ship")
+    check.add_argument("--upstream", type=Path, required=True, help="provider profile (TOML)")
+    check.add_argument("--table", action="append", metavar="NAME=FILE", help="content of `table NAME`")
+    check.add_argument("--target", choices=["lab"], default="lab", help="where smtpd runs (default: lab)")
+    check.add_argument("--report-json", type=Path, help="write the report as JSON here")
+    check.add_argument("--junit", type=Path, help="write a JUnit XML report here (one testcase per probe)")
+    check.set_defaults(func=cmd_check)
+
+    lab = sub.add_parser("lab", help="manage lab test hosts")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    clean = lab_sub.add_parser("clean", help="remove test hosts and temp dirs left by killed runs")
+    clean.set_defaults(func=cmd_lab_clean)
 
     certs = sub.add_parser("certs", help="create or reuse the test CA (and leaves) in a directory")
     certs.add_argument("--certs", type=Path, default=Path("certs"))

@@ -30,6 +30,8 @@ class BundleFile:
     owner: str = "root"
     group: str = "root"
     secret: bool = False  # its content is credentials: never printed, compared by hash only
+    db: str | None = None  # a `db:` table: build this path from the file, as makemap would
+    aliases: bool = False  # with db: the source is in aliases(5) format (`makemap -t aliases`)
 
 
 @dataclass(frozen=True)

@@ -142,11 +142,17 @@ class SshTarget(Target):
             for user, password in secrets_table_credentials(f.content):
                 self.redactor.add(user, password)
         self.write_file(f.path, f.content, f.mode, f.owner, f.group)
+        if f.db is not None:
+            self.makemap(f.path, f.db, f.aliases)
+            self.check(
+                f"chown {shlex.quote(f.owner)}:{shlex.quote(self._group(f.group))} {shlex.quote(f.db)}"
+                f" && chmod {f.mode:o} {shlex.quote(f.db)}"
+            )
 
-    def makemap(self, path: str, aliases: bool = False) -> CommandResult:
-        """Build `path.db` from `path`, as an admin runs makemap/newaliases after an edit."""
+    def makemap(self, source: str, db: str, aliases: bool = False) -> CommandResult:
+        """Build the db from its source, as an admin runs makemap/newaliases after an edit."""
         kind = "-t aliases " if aliases else ""
-        return self.check(f"makemap {kind}{shlex.quote(path)}")
+        return self.check(f"makemap {kind}-o {shlex.quote(db)} {shlex.quote(source)}")
 
     def check_config(self, config_path: str = SMTPD_CONF) -> ConfigCheck:
         result = self.run(f"{SMTPD} -n -f {shlex.quote(config_path)}")
