@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import ssl
 import threading
 import time
@@ -39,6 +40,9 @@ STARTTLS_REFUSED = "454 4.7.0 TLS not available due to temporary reason"
 SENDER_REJECTED = "550 5.1.8 <{}>: Sender address rejected: Domain not found"
 # aiosmtpd's require_starttls reply lacks the RFC 3463 code that real providers (Postfix) send.
 _AIOSMTPD_STARTTLS_FIRST = "530 Must issue a STARTTLS command first"
+# `<dot-atom@domain> params`: the path nearly every client sends, parsed without the email package.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(rf"\s*<({_ATEXT}(?:\.{_ATEXT})*)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*(.*)", re.S)
 STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 
 _session_ids = itertools.count(1)
@@ -142,6 +146,19 @@ class _Recording:
             self.builder.ended = time.time()
             self.publish()
         super().connection_lost(error)  # type: ignore[misc]
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parser, minus its cost for plain paths (bench/upstream_throughput.py).
+
+        aiosmtpd defines a typing.Protocol class and runs the full RFC 5322 header parser on every
+        MAIL and RCPT: about 60 % of the server's time per message. Anything but a plain
+        `<local@domain>` still goes to it, so replies and edge cases stay aiosmtpd's.
+        """
+        m = _SIMPLE_PATH.fullmatch(arg)
+        limit = getattr(self, "local_part_limit", 0)
+        if m is None or (limit and len(m.group(1)) > limit):
+            return super()._getaddr(arg)  # type: ignore[misc, no-any-return]
+        return f"{m.group(1)}@{m.group(2)}", m.group(3)
 
     async def push(self, status: str | bytes) -> None:
         if self.transport is None or self.transport.is_closing():
