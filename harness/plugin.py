@@ -1,4 +1,4 @@
-"""pytest plugin (entry point `relay_harness`): fixtures for the test PKI, the lab and its hosts.
+"""pytest plugin (entry point `relay_harness`): lab fixtures, and scenarios/*.toml as test items.
 
 Lab fixtures skip where the lab cannot run (not root, no OpenSMTPD) on a developer's machine,
 but fail under CI=true: a CI run that silently skipped every real test would be a green lie.
@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from harness.pki import TestPki
+from harness.targets.base import TargetError
 from harness.targets.lab import Lab, LabError, LabHost, check_environment
+
+if TYPE_CHECKING:
+    from harness.scenarios import Case, Scenario
 
 
 def _lab_unavailable() -> str | None:
@@ -52,3 +58,116 @@ def lab_host(relay_lab: Lab) -> Iterator[LabHost]:
         yield host
     finally:
         relay_lab.destroy_host(host)
+
+
+# -- scenarios/*.toml as test items ----------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("relay-harness")
+    group.addoption(
+        "--relay-target",
+        default="lab",
+        choices=["lab"],
+        help="where scenario configs run: lab (test hosts with the real OpenSMTPD)",
+    )
+    group.addoption(
+        "--relay-keep",
+        action="store_true",
+        help="keep each scenario's test host after a failure, and print how to enter it",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from harness.scenarios import MARKERS
+
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+    config.addinivalue_line("markers", "lab: needs root, network namespaces and the real OpenSMTPD")
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if file_path.suffix == ".toml" and "scenarios" in file_path.parts:
+        return ScenarioFile.from_parent(parent, path=file_path)
+    return None
+
+
+_LAB_KEY = pytest.StashKey[Lab]()
+_PKI_KEY = pytest.StashKey[TestPki]()
+
+
+def _scenario_lab(config: pytest.Config) -> tuple[Lab, TestPki]:
+    """One lab for all scenario items of this process, created on first use."""
+    if _LAB_KEY not in config.stash:
+        why = _lab_unavailable()
+        if why is not None:
+            if os.environ.get("CI"):
+                pytest.fail(f"the lab cannot run under CI: {why}", pytrace=False)
+            pytest.skip(f"lab unavailable: {why}")
+        pki = TestPki()
+        config.stash[_PKI_KEY] = pki
+        config.stash[_LAB_KEY] = Lab(pki.ca_pem)
+    return config.stash[_LAB_KEY], config.stash[_PKI_KEY]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    lab = config.stash.get(_LAB_KEY, None)
+    if lab is not None and not config.getoption("relay_keep", False):
+        lab.close()
+
+
+class ScenarioFailure(Exception):
+    """A case whose observations differ from its expectations; shown without a traceback."""
+
+
+class ScenarioFile(pytest.File):
+    def collect(self) -> Iterator[pytest.Item]:
+        from harness.scenarios import ScenarioError, load_scenario
+
+        try:
+            scenario = load_scenario(self.path)
+        except ScenarioError as exc:
+            raise self.CollectError(f"malformed scenario: {exc}") from None
+        for case in scenario.cases:
+            item = ScenarioItem.from_parent(self, name=case.name, scenario=scenario, case=case)
+            for marker in (*case.markers, "lab"):
+                item.add_marker(marker)
+            yield item
+
+
+class ScenarioItem(pytest.Item):
+    def __init__(self, *, scenario: Scenario, case: Case, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scenario = scenario
+        self.case = case
+
+    def runtest(self) -> None:
+        from harness.scenarios import run_case
+
+        lab, pki = _scenario_lab(self.config)
+        host = lab.create_host()
+        keep = False
+        try:
+            assert host.target is not None
+            outcome = run_case(host.target, self.scenario, self.case, pki)
+            if not outcome.ok:
+                keep = bool(self.config.getoption("relay_keep"))
+                if keep:
+                    outcome.evidence.append(f"test host kept: {host.enter_command()}")
+                raise ScenarioFailure(outcome.explain())
+        finally:
+            if not keep:
+                lab.destroy_host(host)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, ScenarioFailure):
+            head = f"scenario {self.scenario.path.name}::{self.case.name} failed"
+            if self.case.description:
+                head += f" ({self.case.description})"
+            return f"{head}\n{excinfo.value}"
+        if isinstance(excinfo.value, TargetError):
+            return f"scenario {self.case.name}: {excinfo.value}"
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, (self.case.line or 1) - 1, f"scenario: {self.case.name}"

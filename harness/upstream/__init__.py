@@ -7,6 +7,7 @@ from harness.upstream.policy import (
     ProfileError,
     load_profile,
     parse_profile,
+    profile_from_data,
 )
 from harness.upstream.record import AuthAttempt, MessageRecord, Recorder, SessionRecord
 from harness.upstream.server import UpstreamError, UpstreamServer, running_upstream
@@ -24,5 +25,6 @@ __all__ = [
     "UpstreamServer",
     "load_profile",
     "parse_profile",
+    "profile_from_data",
     "running_upstream",
 ]

@@ -93,6 +93,11 @@ def parse_profile(text: str, source: str = "<profile>") -> Profile:
     return _Reader(text, source).profile(data)
 
 
+def profile_from_data(data: dict[str, Any], source: str = "<profile>") -> Profile:
+    """A profile given as data (a scenario's [upstream] table); its errors name the field only."""
+    return _Reader("", source).profile(data)
+
+
 class _Reader:
     """Turns the TOML dict into a Profile, naming the line of the first bad field it meets."""
 
