@@ -65,6 +65,8 @@ class SshTarget(Target):
         self._smtpd_pid: int | None = None
         self._reader: threading.Thread | None = None
         self.log = LogFollower()
+        self._sftp: paramiko.SFTPClient | None = None
+        self._id_cache: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- plumbing -----------------------------------------------------------------------------
     def run(self, command: str, stdin: bytes | None = None, timeout: float = 60) -> CommandResult:
@@ -98,41 +100,78 @@ class SshTarget(Target):
     def redact(self, text: str) -> str:
         return self.redactor(text)
 
+    def sftp(self) -> paramiko.SFTPClient:
+        """One SFTP session for the target's life: opening one costs a round trip per file."""
+        if self._sftp is None:
+            try:
+                self._sftp = self.client.open_sftp()
+            except (OSError, paramiko.SSHException) as exc:
+                raise TargetError(f"{self.name}: cannot open SFTP: {exc}") from exc
+        return self._sftp
+
     def write_file(
         self, path: str, content: bytes, mode: int = 0o644, owner: str = "root", group: str = "root"
     ) -> None:
-        group = self._group(group)
-        self.check(f"mkdir -p {shlex.quote(path.rpartition('/')[0] or '/')}")
+        uid, gid = self._ids(owner, group)
+        sftp = self.sftp()
         try:
-            with self.client.open_sftp() as sftp, sftp.file(path, "wb") as fh:
+            self._makedirs(sftp, path.rpartition("/")[0])
+            with sftp.file(path, "wb") as fh:
                 fh.write(content)
+            sftp.chown(path, uid, gid)
+            sftp.chmod(path, mode)
         except (OSError, paramiko.SSHException) as exc:
             raise TargetError(f"{self.name}: cannot write {path}: {exc}") from exc
-        self.check(
-            f"chown {shlex.quote(owner)}:{shlex.quote(group)} {shlex.quote(path)} && "
-            f"chmod {mode:o} {shlex.quote(path)}"
-        )
+
+    @staticmethod
+    def _makedirs(sftp: paramiko.SFTPClient, directory: str) -> None:
+        parts = [p for p in directory.split("/") if p]
+        for n in range(1, len(parts) + 1):
+            path = "/" + "/".join(parts[:n])
+            try:
+                sftp.stat(path)
+            except FileNotFoundError:
+                sftp.mkdir(path, 0o755)
 
     def read_file(self, path: str) -> bytes:
         try:
-            with self.client.open_sftp() as sftp, sftp.file(path, "rb") as fh:
+            with self.sftp().file(path, "rb") as fh:
                 return bytes(fh.read())
         except FileNotFoundError:
             return b""
         except (OSError, paramiko.SSHException) as exc:
             raise TargetError(f"{self.name}: cannot read {path}: {exc}") from exc
 
+    def _ids(self, owner: str, group: str) -> tuple[int, int]:
+        """Numeric ids for SFTP's chown, looked up once per name.
+
+        OpenBSD's `_smtpd` is Debian's `opensmtpd`: the group is mapped when the host lacks it.
+        """
+        key = (owner, group)
+        if key not in self._id_cache:
+            fallback = OPENBSD_GROUPS.get(group, group)
+            q, g, f = shlex.quote(owner), shlex.quote(group), shlex.quote(fallback)
+            out = self.check(f"id -u {q}; (getent group {g} || getent group {f}) | cut -d: -f3 | head -n1")
+            lines = out.stdout.split()
+            if len(lines) != 2 or not all(x.isdigit() for x in lines):
+                raise TargetError(f"{self.name}: no such user or group {owner}:{group}")
+            self._id_cache[key] = (int(lines[0]), int(lines[1]))
+        return self._id_cache[key]
+
     def _group(self, group: str) -> str:
-        """OpenBSD's `_smtpd` is Debian's `opensmtpd`: map it when the host lacks the former."""
+        """The group name to use in shell commands (see `_ids`)."""
         if group in OPENBSD_GROUPS and self.run(f"getent group {shlex.quote(group)}").returncode != 0:
             return OPENBSD_GROUPS[group]
         return group
 
     # -- Target ---------------------------------------------------------------------------------
     def install(self, bundle: Bundle) -> None:
-        for user in bundle.users:
-            q = shlex.quote(user)
-            self.check(f"id -u {q} >/dev/null 2>&1 || useradd -M -N -s /usr/sbin/nologin {q}")
+        if bundle.users:
+            names = " ".join(shlex.quote(u) for u in bundle.users)
+            self.check(
+                f'for u in {names}; do id -u "$u" >/dev/null 2>&1 || '
+                f'useradd -M -N -s /usr/sbin/nologin "$u"; done'
+            )
         self.write_file(bundle.config_path, bundle.config.encode(), 0o644)
         for f in bundle.files:
             self.install_file(f)
@@ -243,6 +282,9 @@ class SshTarget(Target):
     def close(self) -> None:
         with contextlib.suppress(TargetError):
             self.stop()
+        if self._sftp is not None:
+            with contextlib.suppress(OSError, paramiko.SSHException):
+                self._sftp.close()
         self.client.close()
 
 
