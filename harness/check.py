@@ -57,8 +57,10 @@ FAILURES: tuple[tuple[str, str], ...] = (
     ),
     (
         r"SSL certificate check failed|certificate verify failed",
-        "the provider's certificate does not verify for the host name in the URL: "
-        "use the name on the certificate, or `ca NAME` + `relay ... ca NAME`",
+        "the provider's certificate does not verify: issued for another name than the URL's host "
+        "(smtpd also logs `ssl_check_name: no match`), expired, or from a CA smtpd does not trust: "
+        "use the name on the certificate, trust its CA with `ca NAME` + `relay ... ca NAME`, "
+        "or have the provider fix its certificate",
     ),
     (r"Must issue a STARTTLS command first", "the provider requires STARTTLS: use smtp+tls://"),
     (
@@ -71,6 +73,16 @@ FAILURES: tuple[tuple[str, str], ...] = (
         r"mta error reason=(?!.*Connection reset)",
         "smtpd could not talk to the provider; see the quoted reason",
     ),
+)
+
+# After a connection-level failure smtpd stops trying the provider for a while.
+ROUTE_DISABLED = r"smtp-out: Disabling route .* for \d+s"
+
+# Mail for a local alias reached the relay as KEY@host: it never met the `for local` rule.
+UNEXPANDED_HINT = (
+    "smtpd relayed mail for a local user without expanding the alias: a `match` above the "
+    "`for local` one takes it (put `match from local for local action ...` first), or the local "
+    "action has no `alias <table>`"
 )
 
 
@@ -94,6 +106,7 @@ class _Seen:
     message: MessageRecord | None = None
     line: str | None = None
     hint: str | None = None
+    context: tuple[str, ...] = ()  # lines that explain `line` (why a later probe is settled by it)
 
 
 @dataclass
@@ -379,9 +392,16 @@ def _wait_relay(
     recorder = run.upstream.recorder
 
     def decide() -> _Seen | None:
-        for session, message in recorder.messages():
-            if message.accepted and rcpt in message.rcpt_to and token.encode() in message.body:
+        mine = [(s, m) for s, m in recorder.messages() if m.accepted and token.encode() in m.body]
+        for session, message in mine:
+            if rcpt in message.rcpt_to:
                 return _Seen(session=session, message=message)
+        for _, message in mine:
+            if probe.expect.startswith("relay:") and _unexpanded(message.rcpt_to, probe.recipient):
+                return _Seen(
+                    line=f"upstream: received it for <{', '.join(message.rcpt_to)}>, not <{rcpt}>",
+                    hint=UNEXPANDED_HINT,
+                )
         for line in run.log.lines[mark:]:
             for pattern, hint in FAILURES:
                 if re.search(pattern, line):
@@ -389,6 +409,9 @@ def _wait_relay(
             m = re.search(DELIVERY, line)
             if m and m.group("result") != "Ok" and m.group("rcpt") in (rcpt, probe.recipient):
                 return _Seen(line=line, hint=_hint_for(m.group("stat")))
+        stuck = _route_disabled(run.log.lines) or _no_tls_on_implicit_port(run.log.lines, profile)
+        if stuck is not None:
+            return stuck
         return _Seen(line="smtpd exited") if run.log.closed else None
 
     seen = wait_until(decide, [recorder, run.log], PROBE_TIMEOUT)
@@ -398,7 +421,7 @@ def _wait_relay(
         return ProbeResult(probe, False, expected, observed, _upstream_evidence(run) + tail)
     session, message = seen.session, seen.message
     if session is None or message is None:
-        evidence = [seen.line or "", *_upstream_evidence(run)]
+        evidence = [seen.line or "", *seen.context, *_upstream_evidence(run)]
         return ProbeResult(probe, False, expected, "smtpd reported a failure", evidence, seen.hint)
     problems = []
     wanted_tls = {"starttls-required": "starttls", "implicit": "implicit", "none": "none"}.get(profile.tls)
@@ -422,6 +445,48 @@ def _wait_relay(
     )
 
 
+def _route_disabled(lines: list[str]) -> _Seen | None:
+    """smtpd gave up on the provider for a while after a failure (AUTH, TLS, certificate).
+
+    It logs `smtp-out: Disabling route ... for 15s` once; mail queued after that (the next
+    probes) waits longer than PROBE_TIMEOUT and smtpd logs nothing new about it, so the
+    failure that disabled the route is what settles those probes too.
+    """
+    for i, line in enumerate(lines):
+        if re.search(ROUTE_DISABLED, line):
+            for earlier in reversed(lines[:i]):
+                for pattern, hint in FAILURES:
+                    if re.search(pattern, earlier):
+                        return _Seen(line=earlier, hint=hint, context=(line,))
+            return _Seen(line=line)
+    return None
+
+
+def _no_tls_on_implicit_port(lines: list[str], profile: Profile) -> _Seen | None:
+    """A plain connection (smtp+tls://, smtp://, ...) to an implicit-TLS port never ends by itself.
+
+    smtpd waits for the greeting, the provider for a TLS ClientHello; smtpd logs only
+    `mta connecting address=smtp+tls://...` and `mta connected`, then nothing until its own
+    timeout minutes later.
+    """
+    if profile.tls != "implicit":
+        return None
+    for i, line in enumerate(lines):
+        m = re.search(r"^(\S+) mta connecting address=(?!smtps://)([a-z+]+)://", line)
+        if m is None:
+            continue
+        connected = next((x for x in lines[i + 1 :] if x.startswith(f"{m.group(1)} mta connected")), None)
+        if connected is not None:
+            return _Seen(
+                line=line,
+                hint=f"the provider speaks TLS from the first byte on port {profile.port} (implicit TLS) but "
+                f"smtpd connected with {m.group(2)}:// and waits for a greeting that never comes "
+                "(it logs nothing more until its own timeout, minutes later): use smtps://LABEL@HOST",
+                context=(connected,),
+            )
+    return None
+
+
 def _wait_local(run: RelayRun, probe: Probe, user: str, token: str, mark: int) -> ProbeResult:
     expected = f"delivered to {user}'s mailbox"
 
@@ -430,6 +495,8 @@ def _wait_local(run: RelayRun, probe: Probe, user: str, token: str, mark: int) -
             m = re.search(DELIVERY, line)
             if not m or m.group("rcpt").partition("@")[0] != probe.recipient.partition("@")[0]:
                 continue  # another probe's delivery, logged after this one was sent
+            if m.group("sender") == "":
+                continue  # a bounce (of a relayed probe the provider refused) to root, not this probe
             if m.group("agent") == "mda":
                 return ("ok" if m.group("result") == "Ok" else "failed"), line
             return "relayed", line
@@ -446,14 +513,15 @@ def _wait_local(run: RelayRun, probe: Probe, user: str, token: str, mark: int) -
     if kind == "ok" and delivered_to == user and token.encode() in run.target.mailbox(user):
         return ProbeResult(probe, True, expected, f"in {user}'s mailbox", [line])
     observed = f"delivered as {delivered_to}" if kind == "ok" else f"{kind}"
-    return ProbeResult(
-        probe,
-        False,
-        expected,
-        observed,
-        [line],
-        f"check the aliases entry for {probe.recipient}; a db: table needs newaliases/makemap after edits",
-    )
+    hint = f"check the aliases entry for {probe.recipient}; a db: table needs newaliases/makemap after edits"
+    if kind == "relayed":
+        hint = UNEXPANDED_HINT
+    return ProbeResult(probe, False, expected, observed, [line], hint)
+
+
+def _unexpanded(rcpts: tuple[str, ...], key: str) -> bool:
+    """The alias key itself was relayed (KEY@this-host), instead of what it expands to."""
+    return any(r.partition("@")[0] == key and r.partition("@")[2] != "" for r in rcpts)
 
 
 def _upstream_evidence(run: RelayRun) -> list[str]:

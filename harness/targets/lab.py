@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import itertools
 import os
 import re
 import shutil
@@ -44,6 +45,9 @@ LOCK_FILE = "/run/relay-harness.lock"
 TMP_PREFIX = "relay-harness-"
 DOMAIN = "relay-harness.test"
 READY_TIMEOUT = 15.0
+# Host numbers are per process, not per Lab: names (rh-PID-N, rhPIDhN) must not collide when one
+# process holds two Labs (a test building its own Lab beside the session fixture's).
+_host_numbers = itertools.count(1)
 
 
 class LabError(TargetError):
@@ -290,10 +294,16 @@ class LabHost:
             with contextlib.suppress(Exception):
                 self.target.close()
             self.target = None
+        if self.netns not in self.lab.created_netns:
+            return  # `ip netns add` failed: the namespace of that name is not ours to kill
         kill_netns(self.netns)
         if self.process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
+        with contextlib.suppress(LabError):
+            # Now, not with the namespace: the kernel tears a namespace down asynchronously, and
+            # until then the veth and its address (the slot) are still on this machine.
+            _ip("link", "del", self.veth)
         with contextlib.suppress(LabError):
             _ip("netns", "del", self.netns)
         with contextlib.suppress(ValueError):
@@ -330,7 +340,6 @@ class Lab:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
         self.hosts: list[LabHost] = []
         self.created_netns: list[str] = []
-        self._count = 0
         host_private, host_public = _key_pair()
         self._write(self.dir / "ssh_host_ed25519_key", host_private, 0o600)
         self.host_key = paramiko.Ed25519Key.from_private_key_file(str(self.dir / "ssh_host_ed25519_key"))
@@ -365,8 +374,7 @@ class Lab:
             free = next((i for i in range(1, SLOTS + 1) if i not in used), None)
             if free is None:
                 raise LabError(f"no free address in {LAB_NETWORK} for another test host")
-            self._count += 1
-            host = LabHost(self, self._count, Slot(free))
+            host = LabHost(self, next(_host_numbers), Slot(free))
             self.hosts.append(host)
             try:
                 host._network()
@@ -410,11 +418,13 @@ def clean_stale() -> list[str]:
     """Remove namespaces and temp dirs whose owning process is gone (a killed run's leftovers)."""
     removed: list[str] = []
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
-    for m in re.finditer(rf"^({PREFIX}-(\d+)-\d+)\b", listing, re.MULTILINE):
+    for m in re.finditer(rf"^({PREFIX}-(\d+)-(\d+))\b", listing, re.MULTILINE):
         netns, pid = m.group(1), int(m.group(2))
         if _alive(pid):
             continue
         kill_netns(netns)
+        with contextlib.suppress(LabError):
+            _ip("link", "del", f"{PREFIX}{pid}h{m.group(3)}")  # as in LabHost.destroy
         with contextlib.suppress(LabError):
             _ip("netns", "del", netns)
         removed.append(f"namespace {netns}")
