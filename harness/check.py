@@ -166,20 +166,20 @@ def build_bundle(config: Config | None, inp: CheckInput) -> tuple[Bundle, Profil
     redactor = Redactor((c.user, c.password) for c in profile.credentials)
     if config is None:
         return Bundle(inp.config_text), profile, notes, redactor
-    auth_tables = _auth_tables(config)
-    alias_tables = _alias_tables(config)
+    secret_labels = auth_tables(config)
+    alias_names = alias_tables(config)
     for table in config.tables.values():
         if table.config is None or table.backend not in ("file", "db"):
             continue
         source = inp.tables.get(table.name)
         if source is not None:
             content = source.read_bytes()
-        elif table.name in auth_tables:
-            content, creds = _synthesize_secrets(auth_tables[table.name], profile)
+        elif table.name in secret_labels:
+            content, creds = _synthesize_secrets(secret_labels[table.name], profile)
             profile = dataclasses.replace(profile, credentials=profile.credentials + tuple(creds))
             for cred in creds:
                 redactor.add(cred.user, cred.password)
-            labels = ", ".join(sorted(auth_tables[table.name]))
+            labels = ", ".join(sorted(secret_labels[table.name]))
             notes.append(
                 f"table {table.name}: not given, synthesized with generated credentials "
                 f"for label(s) {labels} that the upstream accepts"
@@ -194,20 +194,20 @@ def build_bundle(config: Config | None, inp: CheckInput) -> tuple[Bundle, Profil
                 f"the config's table {table.name!r} (line {table.line}, {table.backend}:{table.config}) "
                 f"needs content: pass --table {table.name}=FILE"
             )
-        secret = table.name in auth_tables
+        secret = table.name in secret_labels
         mode, group = (0o640, "_smtpd") if secret else (0o644, "root")
-        if table.name in alias_tables:
-            users.update(_local_users(_parse_aliases(content)))
+        if table.name in alias_names:
+            users.update(local_users(parse_aliases(content)))
         if table.backend == "db":
             path = table.config[:-3] if table.config.endswith(".db") else table.config + ".txt"
-            aliases = table.name in alias_tables
+            aliases = table.name in alias_names
             files.append(BundleFile(path, content, mode, "root", group, secret, table.config, aliases))
         else:
             files.append(BundleFile(table.config, content, mode, "root", group, secret))
     return Bundle(inp.config_text, tuple(files), tuple(sorted(users))), profile, notes, redactor
 
 
-def _auth_tables(config: Config) -> dict[str, set[str]]:
+def auth_tables(config: Config) -> dict[str, set[str]]:
     """auth table name → labels the relay URLs ask it for."""
     out: dict[str, set[str]] = {}
     for action in config.relay_actions:
@@ -227,7 +227,7 @@ def _auth_tables(config: Config) -> dict[str, set[str]]:
     return out
 
 
-def _alias_tables(config: Config) -> set[str]:
+def alias_tables(config: Config) -> set[str]:
     names = set()
     for action in config.actions.values():
         alias = action.operand("alias")
@@ -245,7 +245,7 @@ def _synthesize_secrets(labels: set[str], profile: Profile) -> tuple[bytes, list
     return text.encode(), creds
 
 
-def _parse_aliases(content: bytes) -> dict[str, list[str]]:
+def parse_aliases(content: bytes) -> dict[str, list[str]]:
     """aliases(5): `key: value, value`; continuation lines start with white space."""
     aliases: dict[str, list[str]] = {}
     key = None
@@ -275,7 +275,7 @@ def _expand(aliases: dict[str, list[str]], key: str, depth: int = 0) -> list[str
     return out
 
 
-def _local_users(aliases: dict[str, list[str]]) -> set[str]:
+def local_users(aliases: dict[str, list[str]]) -> set[str]:
     users = set()
     for key in aliases:
         for value in _expand(aliases, key):
@@ -296,14 +296,12 @@ def plan_probes(bundle: Bundle, config: Config | None) -> tuple[list[Probe], lis
     notes: list[str] = []
     if config is None:
         return probes, notes
-    alias_paths = {
-        t.config for name, t in config.tables.items() if name in _alias_tables(config) and t.config
-    }
+    alias_paths = {t.config for name, t in config.tables.items() if name in alias_tables(config) and t.config}
     for f in bundle.files:
         source_of = {p[:-3] if p.endswith(".db") else p for p in alias_paths}
         if f.path not in alias_paths and f.path not in source_of and f.path + ".txt" not in alias_paths:
             continue
-        aliases = _parse_aliases(f.content)
+        aliases = parse_aliases(f.content)
         keys = sorted(aliases)
         if len(keys) > MAX_ALIAS_PROBES:
             notes.append(f"{f.path}: {len(keys)} aliases, probing the first {MAX_ALIAS_PROBES}")
@@ -355,7 +353,7 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
     try:
         with relay_run(target, bundle, profile, pki) as run:
             for probe in probes:
-                report.results.append(_run_probe(run, probe, profile, redactor))
+                report.results.append(run_probe(run, probe, profile, redactor))
     except ConfigRejected as refused:
         report.verdict = "refused"
         report.refusal = redactor(refused.check.message or refused.check.output)
@@ -367,7 +365,7 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
     return report
 
 
-def _run_probe(run: RelayRun, probe: Probe, profile: Profile, redactor: Redactor) -> ProbeResult:
+def run_probe(run: RelayRun, probe: Probe, profile: Profile, redactor: Redactor) -> ProbeResult:
     started = time.monotonic()
     token = secrets.token_hex(4)
     mail = OutgoingMail("root", (probe.recipient,), subject=f"relay-harness probe {probe.name} {token}")

@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     clean = lab_sub.add_parser("clean", help="remove test hosts and temp dirs left by killed runs")
     clean.set_defaults(func=cmd_lab_clean)
 
+    from harness.accept import register as register_accept
+
+    register_accept(sub)
+
     certs = sub.add_parser("certs", help="create or reuse the test CA (and leaves) in a directory")
     certs.add_argument("--certs", type=Path, default=Path("certs"))
     certs.add_argument("host", nargs="*", help="host names to issue leaves for")

@@ -6,7 +6,7 @@ with everything it writes kept private:
 - its own network namespace, joined to this machine by a veth pair on 198.51.100.0/24
   (TEST-NET-2), and with its loopback renamed `lo0`, so OpenBSD's `listen on lo0` works as written;
 - its own mount namespace: /etc is an overlay (writes land in the lab's temp dir), /run,
-  /var/spool, /var/mail and /root are fresh tmpfs, so several hosts run at once untouched
+  /var/spool, /var/mail, /var/log and /root are fresh tmpfs, so several hosts run at once untouched
   (the private /root also spares each SSH command the machine's root shell start-up files);
 - its own UTS namespace (host name `NAME.relay-harness.test`);
 - resolv.conf naming only 127.0.0.1 with `lookup file`, so smtpd never asks any DNS server.
@@ -135,6 +135,7 @@ mount -t tmpfs -o mode=0755 rh-spool /var/spool
 mkdir -m 0711 /var/spool/smtpd
 mount -t tmpfs -o "mode=1777" rh-mail /var/mail
 mount -t tmpfs -o mode=0700 rh-root /root
+mount -t tmpfs -o mode=0755 rh-log /var/log
 hostname "$RH_HOSTNAME"
 exec /usr/sbin/sshd -D -e -f "$RH_DIR/sshd_config"
 """

@@ -1,0 +1,117 @@
+"""Before/after an upgrade: the facts worth comparing, saved as JSON, and every difference.
+
+A baseline holds what should not change silently: the smtpd version, the config's hash, the
+routes it relays by, the tables (path, mode, owner; content hash for non-secret tables only),
+the listeners, how the service is run, and what the relay probe saw. Secrets are never in it:
+not their content and not a hash of it (a hash of a short password can be brute-forced).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.accept.facts import Fact, HostFacts
+from harness.smtpdconf import expectations
+
+FORMAT = 1
+
+
+class BaselineError(Exception):
+    """The baseline file cannot be read or is not one of ours (exit 2)."""
+
+
+def build(facts: HostFacts, relay: list[Fact], relay_way: str) -> dict[str, Any]:
+    routes: dict[str, Any] = {}
+    if facts.parsed is not None:
+        for r in expectations(facts.parsed):
+            key = f"{r.action}#{len([k for k in routes if k.startswith(r.action + '#')])}"
+            routes[key] = {
+                "url": r.url,
+                "via": r.via,
+                "host": r.connect_host,
+                "port": r.port,
+                "tls": r.tls_mode,
+                "auth": r.auth,
+                "label": r.label,
+                "mail_from": r.mail_from,
+            }
+    tables: dict[str, Any] = {}
+    for t in facts.tables:
+        entry: dict[str, Any] = {"backend": t.backend, "path": t.path, "exists": t.file is not None}
+        if t.file is not None:
+            entry.update(mode=f"{t.file.stat.mode:o}", owner=t.file.stat.owner, group=t.file.stat.group)
+            if not t.secret:
+                entry["sha256"] = t.file.sha256
+        tables[t.name] = entry
+    listens = sorted(
+        f"{listen.interface} {' '.join(listen.options)}".strip()
+        for listen in (facts.parsed.listens if facts.parsed else ())
+    )
+    return {
+        "format": FORMAT,
+        "host": facts.host,
+        "smtpd": {"path": facts.smtpd, "version": facts.version},
+        "config": {
+            "path": facts.config_path,
+            "sha256": facts.config.sha256 if facts.config else None,
+        },
+        "routes": routes,
+        "tables": tables,
+        "listens": listens,
+        "service": facts.service,
+        "relay": {
+            "way": relay_way,
+            "probes": {f.name: {"status": f.status, "summary": f.summary} for f in relay},
+        },
+    }
+
+
+def save(baseline: dict[str, Any], path: Path) -> None:
+    try:
+        path.write_text(json.dumps(baseline, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise BaselineError(f"{path}: cannot write: {exc.strerror}") from None
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BaselineError(f"{path}: cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BaselineError(f"{path}: not a relay-harness baseline (format {FORMAT})")
+    return data
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Every difference as `key: before → after`; the host name is allowed to differ."""
+    old, new = _flatten(before), _flatten(after)
+    old.pop("host", None)
+    new.pop("host", None)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if a != b:
+            out.append(f"{key}: {_show(a)} → {_show(b)}")
+    return out
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list):
+        return {prefix: tuple(value)}
+    return {prefix: value}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return json.dumps(value) if not isinstance(value, str) or value == "(absent)" else value
