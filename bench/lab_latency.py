@@ -433,8 +433,8 @@ def table(out: Results, hosts: int, messages: int, deadline: Deadline, elapsed: 
         f"  {out.hangon} of {len(out.relay_reused.samples)} reused-connection message(s) left smtpd on its "
         "idle session's 1 s hang-on tick",
         f"  ({HANGON!r} in its log), not on submission: smtpd's pacing, not the harness's.",
-        "  Every lab step is SSH commands; each starts root's login shell with -c (bash reads ~/.bashrc",
-        "  under sshd): the last row is what that costs per command on this machine.",
+        "  Every lab step is SSH commands; each starts root's shell with -c (bash reads ~/.bashrc under",
+        "  sshd; test hosts have a private, empty /root): the last row is what that costs per command.",
     ]
     if out.failures:
         lines += ["", f"failures ({len(out.failures)}; not in the figures):", *out.failures[:5]]

@@ -352,8 +352,13 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
             add.add(cred.user, cred.password)
     try:
         with relay_run(target, bundle, profile, pki) as run:
-            for probe in probes:
-                report.results.append(run_probe(run, probe, profile, redactor))
+            # All probes go out before any is awaited: smtpd then relays them in one session
+            # instead of each waiting for its idle relay session's next 1 s hang-on tick.
+            # Relaying is paused meanwhile so that the relayed probes leave together (smtpctl).
+            run.target.control("pause", "mta")
+            sent = [submit_probe(run, probe) for probe in probes]
+            run.target.control("resume", "mta")
+            report.results.extend(await_probe(run, s, profile, redactor) for s in sent)
     except ConfigRejected as refused:
         report.verdict = "refused"
         report.refusal = redactor(refused.check.message or refused.check.output)
@@ -365,20 +370,37 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
     return report
 
 
-def run_probe(run: RelayRun, probe: Probe, profile: Profile, redactor: Redactor) -> ProbeResult:
+@dataclass(frozen=True)
+class SentProbe:
+    probe: Probe
+    token: str  # in the subject: tells this probe's message from the others at the upstream
+    mark: int  # smtpd's log position when it was submitted
+    started: float
+
+
+def submit_probe(run: RelayRun, probe: Probe) -> SentProbe:
     started = time.monotonic()
     token = secrets.token_hex(4)
     mail = OutgoingMail("root", (probe.recipient,), subject=f"relay-harness probe {probe.name} {token}")
-    mark = run.send(mail)
+    return SentProbe(probe, token, run.send(mail), started)
+
+
+def await_probe(run: RelayRun, sent: SentProbe, profile: Profile, redactor: Redactor) -> ProbeResult:
+    probe = sent.probe
     if probe.expect.startswith("local:"):
-        result = _wait_local(run, probe, probe.expect[6:], token, mark)
+        result = _wait_local(run, probe, probe.expect[6:], sent.token, sent.mark)
     else:
         wanted = probe.expect[6:] if probe.expect.startswith("relay:") else probe.recipient
-        result = _wait_relay(run, probe, wanted, token, mark, profile)
+        result = _wait_relay(run, probe, wanted, sent.token, sent.mark, profile)
     result.evidence = [redactor(e) for e in result.evidence]
     result.observed = redactor(result.observed)
-    result.seconds = time.monotonic() - started
+    result.seconds = time.monotonic() - sent.started
     return result
+
+
+def run_probe(run: RelayRun, probe: Probe, profile: Profile, redactor: Redactor) -> ProbeResult:
+    """One probe, submitted and awaited on its own."""
+    return await_probe(run, submit_probe(run, probe), profile, redactor)
 
 
 def _wait_relay(
@@ -401,12 +423,16 @@ def _wait_relay(
                     hint=UNEXPANDED_HINT,
                 )
         for line in run.log.lines[mark:]:
-            for pattern, hint in FAILURES:
+            m = re.search(DELIVERY, line)
+            if m is not None:  # a delivery line speaks for its own recipient only
+                if m.group("result") != "Ok" and m.group("rcpt") in (rcpt, probe.recipient):
+                    return _Seen(line=line, hint=_hint_for(m.group("stat")))
+                continue
+            if line.startswith("debug: bounce:"):
+                continue  # a bounce report repeats one envelope's delivery line, not the route's state
+            for pattern, hint in FAILURES:  # route-level failures: every relayed probe shares them
                 if re.search(pattern, line):
                     return _Seen(line=line, hint=hint)
-            m = re.search(DELIVERY, line)
-            if m and m.group("result") != "Ok" and m.group("rcpt") in (rcpt, probe.recipient):
-                return _Seen(line=line, hint=_hint_for(m.group("stat")))
         stuck = _route_disabled(run.log.lines) or _no_tls_on_implicit_port(run.log.lines, profile)
         if stuck is not None:
             return stuck

@@ -181,6 +181,10 @@ class Target(ABC):
         """Hand a message to smtpd; returns what the submitting program printed."""
 
     @abstractmethod
+    def control(self, *args: str) -> str:
+        """`smtpctl ARGS` on the running smtpd (pause/resume mta, schedule all, ...), as printed."""
+
+    @abstractmethod
     def queue(self) -> str:
         """`smtpctl show queue` as printed."""
 

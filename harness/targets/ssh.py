@@ -252,6 +252,9 @@ class SshTarget(Target):
             raise TargetError(f"{self.name}: sendmail exited {result.returncode}: {result.output}")
         return result.output
 
+    def control(self, *args: str) -> str:
+        return self.check(" ".join([SMTPCTL, *(shlex.quote(a) for a in args)])).output
+
     def queue(self) -> str:
         return self.run(f"{SMTPCTL} show queue").output
 
