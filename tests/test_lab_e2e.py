@@ -202,3 +202,17 @@ def test_broken_twin_without_the_alias_nothing_reaches_alice(lab_host: LabHost, 
     m = re.search(DELIVERY, line)
     assert m and (m.group("agent"), m.group("user"), m.group("result")) == ("mda", "root", "Ok")
     assert mbox == b""
+
+
+def test_testinfra_host_sees_the_test_host_not_this_machine(lab_host: LabHost, relay_pki: TestPki) -> None:
+    """The testinfra host reaches the test host over SSH (its own /etc, its own host name)."""
+    assert lab_host.target is not None
+    lab_host.target.install(bundle(config("smtp+tls://label@smtp.example.net:587")))
+    host = lab_host.testinfra_host()
+    assert host.check_output("hostname") == lab_host.hostname
+    assert host.package("opensmtpd").is_installed
+    secrets = host.file("/etc/mail/secrets")
+    assert (secrets.mode, secrets.user, secrets.group) == (0o640, "root", "opensmtpd")
+    assert host.file("/etc/smtpd.conf").contains("label@smtp.example.net:587")
+    assert host.user("alice").exists
+    assert not Path("/etc/mail/secrets").exists() or Path("/etc/mail/secrets").read_bytes() != SECRETS.content

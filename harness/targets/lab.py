@@ -260,7 +260,8 @@ class LabHost:
             log = "\n".join(self.sshd_log[-10:])
             raise LabError(f"test host {self.netns}: sshd did not start:\n{log}")
 
-    def _connect(self) -> SshTarget:
+    def _client(self) -> paramiko.SSHClient:
+        """A paramiko client to this host with its host key pinned (never trust on first use)."""
         client = paramiko.SSHClient()
         client.get_host_keys().add(self.address, "ssh-ed25519", self.lab.host_key)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -275,18 +276,27 @@ class LabHost:
             )
         except (paramiko.SSHException, OSError) as exc:
             raise LabError(f"test host {self.netns} ({self.address}): SSH failed: {exc}") from exc
+        return client
+
+    def _connect(self) -> SshTarget:
         return SshTarget(
             f"lab:{self.hostname}",
-            client,
+            self._client(),
             upstream_address=self.upstream_address,
             fresh_spool="find /var/spool/smtpd /var/mail -mindepth 1 -delete",
         )
 
     def testinfra_host(self) -> Any:
-        """A pytest-testinfra host for this test host (same key, host key pinned)."""
+        """A pytest-testinfra host for this test host, on its own SSH connection.
+
+        testinfra's paramiko backend ignores UserKnownHostsFile and would only warn about an
+        unknown key, so its (cached) client is replaced by one with the host key pinned.
+        """
         import testinfra
 
-        return testinfra.get_host(f"paramiko://root@{self.address}", ssh_config=str(self.lab.ssh_config()))
+        host = testinfra.get_host(f"paramiko://root@{self.address}", ssh_config=str(self.lab.ssh_config()))
+        host.backend.__dict__["client"] = self._client()
+        return host
 
     def enter_command(self) -> str:
         """How a person gets a shell on it (printed by --relay-keep)."""
