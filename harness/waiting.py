@@ -14,6 +14,22 @@ from typing import Protocol, TypeVar
 T = TypeVar("T")
 
 
+class Subscribers:
+    """The callbacks an event source calls on news (a new log line, a new record snapshot)."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Add `callback`; returns the function that removes it again."""
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback)
+
+    def notify(self) -> None:
+        for callback in list(self._callbacks):
+            callback()
+
+
 class EventSource(Protocol):
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]: ...
 

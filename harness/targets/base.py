@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from harness.waiting import Subscribers
+
 SMTPD_CONF = "/etc/smtpd.conf"
 
 
@@ -100,26 +102,23 @@ class LogFollower:
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._subscribers: list[Callable[[], None]] = []
+        self._news = Subscribers()
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call `callback` on every new line and at the end; returns the unsubscriber."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
+        return self._news.subscribe(callback)
 
     def feed(self, line: str) -> None:
         with self._cond:
             self._lines.append(line)
             self._cond.notify_all()
-        for callback in list(self._subscribers):
-            callback()
+        self._news.notify()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for callback in list(self._subscribers):
-            callback()
+        self._news.notify()
 
     @property
     def lines(self) -> list[str]:

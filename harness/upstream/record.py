@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from harness.waiting import Subscribers
+
 TlsMode = Literal["starttls", "implicit", "none"]
 
 
@@ -85,19 +87,17 @@ class Recorder:
         self._sessions: dict[int, SessionRecord] = {}
         self._cond = threading.Condition()
         self._on_closed = on_closed
-        self._subscribers: list[Callable[[], None]] = []
+        self._news = Subscribers()
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call `callback` (from the server thread) on every new snapshot; returns the unsubscriber."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
+        return self._news.subscribe(callback)
 
     def publish(self, snapshot: SessionRecord) -> None:
         with self._cond:
             self._sessions[snapshot.id] = snapshot
             self._cond.notify_all()
-        for callback in list(self._subscribers):
-            callback()
+        self._news.notify()
         if snapshot.closed and self._on_closed is not None:
             self._on_closed(snapshot)
 
