@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -630,3 +631,37 @@ def test_json_report_fields(checks: Checks) -> None:
     )
     for finding in checks.outcome("label-on-smtp").report["lint"]:
         assert set(finding) == {"rule", "line", "severity", "message", "hint", "smtpd_says", "stage"}
+
+
+def test_sigterm_mid_check_removes_the_test_host_and_exits_130() -> None:
+    """A cancelled CI job sends SIGTERM: the check unwinds like Ctrl-C and leaves nothing behind."""
+    import signal
+    import time
+
+    example = Path(__file__).parent.parent / "ci" / "examples"
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "relay-harness"),
+            "check",
+            str(example / "smtpd.conf"),
+            "--upstream",
+            str(example / "provider.toml"),
+            "--table",
+            f"aliases={example / 'aliases'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    netns = Path("/run/netns") / f"rh-{proc.pid}-1"
+    deadline = time.monotonic() + 30
+    # No event tells another process's namespace came to be: poll the kernel's list, bounded.
+    while not netns.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert netns.exists(), "the check never built its test host"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "interrupted" in err
+    assert not list(Path("/run/netns").glob(f"rh-{proc.pid}-*"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"relay-harness-{proc.pid}-*"))
