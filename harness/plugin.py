@@ -153,7 +153,9 @@ class ScenarioItem(pytest.Item):
             if not outcome.ok:
                 keep = bool(self.config.getoption("relay_keep"))
                 if keep:
-                    outcome.evidence.append(f"test host kept: {host.enter_command()}")
+                    outcome.evidence.append(
+                        f"test host kept: {host.enter_command()} (when done: relay-harness lab clean)"
+                    )
                 raise ScenarioFailure(outcome.explain())
         finally:
             if not keep:
