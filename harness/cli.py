@@ -115,6 +115,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    """Print the scenario library's index (scenarios/README.md is this output)."""
+    from harness.scenarios import ScenarioError, index_markdown
+
+    try:
+        print(index_markdown(args.directory), end="")
+    except ScenarioError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
 def cmd_lab_clean(args: argparse.Namespace) -> int:
     """Remove what a killed run left: namespaces (and their processes) and temp dirs."""
     from harness.targets.lab import LabError, check_environment, clean_stale
@@ -151,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--report-json", type=Path, help="write the report as JSON here")
     check.add_argument("--junit", type=Path, help="write a JUnit XML report here (one testcase per probe)")
     check.set_defaults(func=cmd_check)
+
+    scen = sub.add_parser("scenarios", help="print the index of a scenario library (Markdown)")
+    scen.add_argument("directory", type=Path, nargs="?", default=Path("scenarios"))
+    scen.set_defaults(func=cmd_scenarios)
 
     lab = sub.add_parser("lab", help="manage lab test hosts")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

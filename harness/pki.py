@@ -44,6 +44,7 @@ class TestPki:
 
     def __init__(self, ca: trustme.CA | None = None, directory: Path | None = None) -> None:
         self.ca = ca or trustme.CA(organization_name="relay-harness test CA")
+        self._other_ca: trustme.CA | None = None
         self.directory = directory
 
     @classmethod
@@ -61,6 +62,14 @@ class TestPki:
         return cls(ca, directory)
 
     @property
+    def other_ca(self) -> trustme.CA:
+        """A second CA, not trusted by test hosts: it signs the `untrusted` kind, and a config
+        can be made to trust it explicitly (`ca NAME cert FILE` + `relay ... ca NAME`)."""
+        if self._other_ca is None:
+            self._other_ca = trustme.CA(organization_name="some other CA")
+        return self._other_ca
+
+    @property
     def ca_pem(self) -> bytes:
         return bytes(self.ca.cert_pem.bytes())
 
@@ -74,7 +83,7 @@ class TestPki:
             past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
             leaf = self.ca.issue_cert(host, not_before=past - datetime.timedelta(days=365), not_after=past)
         elif kind == "untrusted":
-            leaf = trustme.CA(organization_name="some other CA").issue_cert(host)
+            leaf = self.other_ca.issue_cert(host)
         elif kind == "self-signed":
             other = trustme.CA(organization_name=host)
             return ServerCert(kind, other.cert_pem.bytes(), other.private_key_pem.bytes())

@@ -36,7 +36,20 @@ MARKERS = {
     "lmtp": "LMTP relaying",
 }
 
-_TOP = {"description", "markers", "config", "config_file", "tables", "upstream", "case", "secret_tables"}
+_TOP = {
+    "description",
+    "markers",
+    "config",
+    "config_file",
+    "tables",
+    "upstream",
+    "case",
+    "secret_tables",
+    "ca_files",
+}
+# A CA certificate a config can trust with `ca NAME cert FILE`: the harness's own, or the other
+# CA that signs the provider's certificate under `faults.cert = "untrusted"`.
+CA_SOURCES = ("test", "other")
 _CASE = {
     "name",
     "description",
@@ -97,6 +110,7 @@ class Case:
     config: str
     tables: dict[str, str]
     stale_tables: dict[str, str]  # db: tables built from this older text, then the text edited
+    ca_files: dict[str, str]  # path on the target → which CA's certificate (CA_SOURCES)
     profile: Profile
     mails: tuple[Mail, ...]
     expect: dict[str, Any]
@@ -168,7 +182,10 @@ def load_scenario(path: Path) -> Scenario:
     raw_cases = data.get("case")
     if not isinstance(raw_cases, list) or not raw_cases:
         raise loc.error("case", "a scenario needs at least one [[case]]")
-    cases = tuple(_case(raw, i, config, tables, upstream, markers, loc) for i, raw in enumerate(raw_cases))
+    ca_files = _ca_files(data.get("ca_files", {}), loc)
+    cases = tuple(
+        _case(raw, i, config, tables, upstream, markers, loc, ca_files) for i, raw in enumerate(raw_cases)
+    )
     names = [c.name for c in cases]
     for i, case in enumerate(cases):
         if case.name in names[:i]:
@@ -226,6 +243,14 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ca_files(raw: Any, loc: _Locator) -> dict[str, str]:
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and k.startswith("/") and v in CA_SOURCES for k, v in raw.items()
+    ):
+        raise loc.error("ca_files", f"must map absolute paths to one of {', '.join(CA_SOURCES)}")
+    return dict(raw)
+
+
 def _case(
     raw: Any,
     index: int,
@@ -234,6 +259,7 @@ def _case(
     upstream: dict[str, Any],
     markers: tuple[str, ...],
     loc: _Locator,
+    ca_files: dict[str, str],
 ) -> Case:
     if not isinstance(raw, dict):
         raise loc.error("case", "each [[case]] must be a table", index)
@@ -267,6 +293,7 @@ def _case(
         config=config,
         tables={**tables, **_tables(raw.get("tables", {}), "tables", loc, index)},
         stale_tables=_tables(raw.get("stale_tables", {}), "stale_tables", loc, index),
+        ca_files=ca_files,
         profile=profile,
         mails=_mails(raw.get("send"), loc, index),
         expect=expect,
@@ -332,7 +359,7 @@ def _check_expect(expect: dict[str, Any], loc: _Locator, index: int) -> None:
         raise loc.error("expect.config_error", "a refused config sends nothing: expect nothing else", index)
 
 
-def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str) -> Bundle:
+def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str, pki: TestPki | None = None) -> Bundle:
     """The case's config with its tables at the paths the config names (db: tables via makemap)."""
     try:
         config = parse_config(case.config, "/etc/smtpd.conf")
@@ -366,6 +393,11 @@ def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str) -> Bundl
     for mbox in [case.expect.get("mbox", {}).get("user")]:
         if mbox and mbox != "root":
             users.add(mbox)
+    for ca_path, source in case.ca_files.items():
+        if pki is None:
+            raise ScenarioError(path, case.line, "ca_files", "needs the harness's PKI to write CA files")
+        ca = pki.ca if source == "test" else pki.other_ca
+        files.append(BundleFile(ca_path, ca.cert_pem.bytes()))
     return Bundle(case.config, tuple(files), tuple(sorted(users)))
 
 
@@ -384,7 +416,7 @@ def _local_names(content: str) -> set[str]:
 
 def run_case(target: Target, scenario: Scenario, case: Case, pki: TestPki) -> CaseOutcome:
     """Run one case on a target and compare what was seen with what it expects."""
-    bundle = build_bundle(case, scenario.secret_tables, str(scenario.path))
+    bundle = build_bundle(case, scenario.secret_tables, str(scenario.path), pki)
     redactor = Redactor((c.user, c.password) for c in case.profile.credentials)
     expect = case.expect
     timeout = float(expect.get("timeout", DEFAULT_TIMEOUT))
@@ -532,3 +564,35 @@ def _evidence(run: RelayRun, mark: int) -> list[str]:
     out.append("smtpd log (since the first message, debug lines left out):")
     out.extend(f"  {line}" for line in interesting[-25:])
     return out
+
+
+INDEX_HEAD = """# Scenario library
+
+Each `*.toml` here is collected by pytest (`pytest scenarios/`, or `-k NAME`, `-m MARKER` with
+markers tls, auth, mail_from, aliases, documented_error, faults, grammar, lmtp) and runs against the
+real OpenSMTPD on a lab test host with the fake upstream. A case marked *twin of X* is X's broken
+twin: the same config broken in one place, and what must then be seen instead.
+
+Format (see `harness/scenarios.py`): top-level `config` (inline) or `config_file`, `[tables]`
+(content of each `table NAME`), `[upstream]` (a provider profile), `ca_files`, and `[[case]]`s
+with overrides (`config_replace`, `upstream`, `tables`, `stale_tables`), `send`, and
+`[case.expect]`: `relayed`, `tls`, `auth`, `auth_attempted`, `mail_from`, `rcpt_to`, `log`,
+`log_absent`, `delivery`, `queue`, `mbox`, `upstream_reply`, `config_error`, `config_error_line`.
+
+This index is generated: `relay-harness scenarios scenarios/ > scenarios/README.md`.
+"""
+
+
+def index_markdown(root: Path) -> str:
+    """scenarios/README.md: one line a case, what it shows (kept equal to the files by a test)."""
+    out = [INDEX_HEAD]
+    for path in sorted(root.rglob("*.toml")):
+        scenario = load_scenario(path)
+        out.append(f"## {path.relative_to(root).as_posix()}: {scenario.description}\n")
+        for case in scenario.cases:
+            shown = {k: v for k, v in case.expect.items() if k != "timeout"}
+            what = case.description or ", ".join(f"{k} = {v!r}" for k, v in shown.items())
+            twin = f" *(twin of {case.twin_of})*" if case.twin_of else ""
+            out.append(f"- `{case.name}`{twin}: {what}")
+        out.append("")
+    return "\n".join(out)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.scenarios import ScenarioError, load_scenario
+from harness.scenarios import ScenarioError, index_markdown, load_scenario
 
 pytest_plugins = ["pytester"]
 LIBRARY = Path(__file__).parent.parent / "scenarios"
@@ -148,6 +148,9 @@ def test_plugin_runs_cases_against_the_real_smtpd_and_shows_expected_vs_observed
 
 def test_every_library_file_has_a_broken_twin_and_is_indexed() -> None:
     index = (LIBRARY / "README.md").read_text()
+    assert index == index_markdown(LIBRARY), (
+        "regenerate: relay-harness scenarios scenarios/ > scenarios/README.md"
+    )
     files = sorted(LIBRARY.rglob("*.toml"))
     assert len(files) >= 10
     for path in files:
