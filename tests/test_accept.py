@@ -105,6 +105,7 @@ def lab_factory(lab: Lab) -> Callable[[TestPki], AbstractContextManager[Target]]
 def accept(lab: Lab, host: LabHost, **kw: object) -> AcceptReport:
     lab.ssh_config()  # writes known_hosts for the lab's hosts
     kw.setdefault("upstream", PROVIDER)
+    kw.setdefault("relay_mode", "lab")  # the copied-lab way; the sandbox way: test_accept_sandbox
     options = AcceptOptions(
         f"ssh://root@{host.address}",
         identity=lab.dir / "id_ed25519",
@@ -147,6 +148,8 @@ def test_healthy_host_passes_and_is_left_byte_identical(
             str(relay_lab.dir / "known_hosts"),
             "--upstream",
             str(PROVIDER),
+            "--relay-mode",
+            "lab",
             "--save-baseline",
             str(tmp_path / "base.json"),
             "--report-json",
@@ -251,6 +254,19 @@ def test_baseline_catches_a_changed_relay_url(relay_lab: Lab, lab_host: LabHost,
     relayed = [d for d in diffs if d.startswith("relay.probes.relay:relay-external.summary:")]
     assert relayed and "TLS=starttls" in relayed[0] and "TLS=implicit" in relayed[0]
     assert f"FAIL  baseline: {len(diffs)} difference(s)" in text_report(again)
+
+
+def test_baseline_of_an_unchanged_host_shows_no_difference(
+    relay_lab: Lab, lab_host: LabHost, tmp_path: Path
+) -> None:
+    """The twin of the changed-URL test: the same host twice compares equal, so a difference
+    reported after an upgrade is the upgrade's, not noise from the harness."""
+    make_real(lab_host)
+    first = accept(relay_lab, lab_host, upstream=None, save_baseline=tmp_path / "b.json")
+    assert first.ok, text_report(first)
+    again = accept(relay_lab, lab_host, upstream=None, baseline=tmp_path / "b.json")
+    assert again.differences == [], again.differences
+    assert again.ok, text_report(again)
 
 
 def test_unreachable_host_is_exit_2_naming_host_and_cause() -> None:

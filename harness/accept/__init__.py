@@ -13,7 +13,7 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     """Add `accept` to an argparse subparsers object; its func returns the exit code."""
-    from harness.accept.run import cmd_accept
+    from harness.accept.run import RELAY_MODES, cmd_accept
 
     p: argparse.ArgumentParser = subparsers.add_parser(
         "accept",
@@ -39,4 +39,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--mail-log", help="mail log on the host (default /var/log/mail.log or /var/log/maillog)")
     p.add_argument("--no-relay", action="store_true", help="skip the relay probe (facts only)")
+    p.add_argument(
+        "--relay-mode",
+        choices=RELAY_MODES,
+        default="auto",
+        help="where the relay probe runs: sandbox = a second smtpd in private namespaces on the host "
+        "(its binary, config and tables as they are), lab = the host's files copied into a local lab "
+        "host, auto = the sandbox when the host can run it (default)",
+    )
     p.set_defaults(func=cmd_accept)

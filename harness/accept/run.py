@@ -1,15 +1,19 @@
 """`relay-harness accept`: does an existing mail host still relay as before? Learned by reading it.
 
-The host is reached over SSH and only read: facts come from commands an admin would type, and
-the relay itself is tried on a copy: the host's config and tables, read into memory, installed
-verbatim on a fresh LOCAL lab test host whose smarthost name points at the fake upstream. The
-running smtpd is not touched, nothing is sent to the real provider, nothing is written on the
-host, and the files read are checked unchanged by hash at the end.
+The host is reached over SSH and only read: facts come from commands an admin would type. The
+relay itself is tried for real without touching the running smtpd: preferably by the host's own
+smtpd binary reading its own config and tables in a sandbox on the host (private namespaces, see
+`sandbox`), relaying through an SSH reverse tunnel to the fake upstream here; where the host
+cannot sandbox (or with --relay-mode lab), on a copy: the config and tables installed verbatim on
+a fresh LOCAL lab test host. The report says which way was used. Nothing is sent to the real
+provider, nothing of the host's is written, and the files read are checked unchanged by hash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 import shlex
 import socket
 import time
@@ -17,13 +21,14 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import paramiko
 
 from harness.accept import baseline as baselines
 from harness.accept.facts import AcceptError, Fact, HostFacts, gather, preflight, unchanged
+from harness.accept.sandbox import SandboxCapability, SandboxTarget, SandboxUnavailable
 from harness.pki import TestPki
 from harness.redact import Redactor, secrets_table_credentials
 from harness.smtpdconf import RelayExpectation, expectations
@@ -31,8 +36,20 @@ from harness.targets.base import Bundle, BundleFile, Target, TargetError
 from harness.targets.ssh import CommandResult, SshTarget
 from harness.upstream import Credential, Profile, UpstreamError, load_profile
 
+if TYPE_CHECKING:
+    from harness.check import Probe, ProbeResult
+
 LabFactory = Callable[[TestPki], AbstractContextManager[Target]]
 WAY_COPY = "relay checked in the local lab with the host's files (copied)"
+WAY_SANDBOX = (
+    "relay checked in a sandbox on the host (host's smtpd binary, config and tables as they are; "
+    "SSH reverse tunnel to the fake upstream)"
+)
+RELAY_MODES = ("auto", "sandbox", "lab")
+# smtpd -n's words for a listener it cannot set up (an interface or address the sandbox lacks).
+SANDBOX_LIMIT = re.compile(
+    r"invalid virtual ip or interface|bind: Cannot assign requested address|interface .* not found"
+)
 WAY_NONE = "relay not checked"
 # Users and groups a lab host has; other owners of copied files become root there.
 KNOWN_OWNERS = {"root", "_smtpd", "_smtpq", "opensmtpd", "opensmtpq"}
@@ -120,6 +137,7 @@ class RemoteShell:
         self.name = target.name
         self.redactor: Redactor = target.redactor
         self.sudo = False
+        self.sandbox_capability: SandboxCapability | None = None
 
     def prepare(self) -> None:
         """Root, or passwordless sudo: anything less cannot read the secrets table (exit 2)."""
@@ -214,13 +232,34 @@ def _bundle(facts: HostFacts) -> Bundle:
     return Bundle(config, tuple(files), tuple(sorted(users)), facts.config_path)
 
 
-def relay_probe(
-    facts: HostFacts, profile: Profile | None, lab_factory: LabFactory
-) -> tuple[list[Fact], str, list[str]]:
-    """The host's config and tables, copied verbatim into a local lab host, relaying to the fake."""
-    from harness.check import plan_probes, run_probe
-    from harness.relay import ConfigRejected, relay_run
+def _probe_plan(facts: HostFacts) -> tuple[list[Probe], list[str]]:
+    """The probes, planned from the tables' text only.
 
+    A db: table's file is binary (Berkeley DB): read as aliases(5) text it yields random "keys"
+    (bytes around a colon), and a probe to such a recipient put NUL bytes into the sendmail
+    command line, which sshd rejects by closing the whole connection. Its source text, when
+    there is one, is planned from instead.
+    """
+    from harness.check import plan_probes
+
+    bundle = _bundle(facts)
+    binary = {t.file.path for t in facts.tables if t.backend == "db" and t.file is not None}
+    text_only = dataclasses.replace(bundle, files=tuple(f for f in bundle.files if f.path not in binary))
+    return plan_probes(text_only, facts.parsed)
+
+
+def relay_probe(
+    facts: HostFacts,
+    profile: Profile | None,
+    lab_factory: LabFactory,
+    mode: str = "lab",
+    shell: RemoteShell | None = None,
+) -> tuple[list[Fact], str, list[str]]:
+    """The relay tried for real: in a sandbox on the host, or on a copy in the local lab.
+
+    `mode` "sandbox" insists on the host (exit 2 when it cannot), "auto" prefers it and says
+    why it fell back, "lab" copies the host's files into a local lab host.
+    """
     notes: list[str] = []
     route = _route(facts)
     if route is None:
@@ -237,6 +276,141 @@ def relay_probe(
             hint="point the relay URL at the provider in the profile, or pass that provider's profile",
         )
         return [fact], WAY_NONE, notes
+    if mode != "lab" and shell is not None:
+        why = _sandbox_unavailable(shell)
+        if why is None:
+            try:
+                sandbox_facts, probe_notes = _sandbox_probe(shell, facts, profile)
+                return sandbox_facts, WAY_SANDBOX, notes + probe_notes
+            except SandboxUnavailable as exc:
+                why = str(exc)
+        if mode == "sandbox":
+            raise AcceptError(f"{shell.name}: --relay-mode sandbox: the host cannot run the sandbox: {why}")
+        notes.append(f"the host cannot run the relay sandbox ({why}): its files were copied to the local lab")
+    facts_out, lab_notes = _lab_probe(facts, profile, lab_factory)
+    return facts_out, WAY_COPY, notes + lab_notes
+
+
+def _sandbox_unavailable(shell: RemoteShell) -> str | None:
+    """Why the host cannot run the sandbox (None: it can); what was learned is kept on `shell`."""
+    from harness.accept.sandbox import probe_capability
+
+    capability = probe_capability(shell.run)
+    shell.sandbox_capability = capability
+    return capability.reason
+
+
+def _relay_fact(probe: Probe, r: ProbeResult, where: str) -> Fact:
+    return Fact(
+        f"relay:{probe.name}",
+        "pass" if r.ok else "fail",
+        f"{probe.description}: {r.observed}" if r.ok else probe.description,
+        f"sendmail -f root {probe.recipient} ({where})",
+        "" if r.ok else f"expected: {r.expected}\nobserved: {r.observed}",
+        evidence=r.evidence,
+        hint=r.hint,
+    )
+
+
+def _sandbox_probe(shell: RemoteShell, facts: HostFacts, profile: Profile) -> tuple[list[Fact], list[str]]:
+    """The host's smtpd, config and tables as they are, in private namespaces on the host.
+
+    SandboxUnavailable (before any probe ran) lets "auto" fall back to the lab; any other
+    failure of the harness is exit 2. The sandbox is ended and looked for afterwards in every
+    case, Ctrl-C included, and what was found is a fact of its own.
+    """
+    from harness.check import run_probe
+    from harness.relay import RelayRun
+    from harness.upstream import UpstreamServer
+
+    redactor = facts_redactor(facts, profile)
+    capability = shell.sandbox_capability or SandboxCapability()
+    probes, notes = _probe_plan(facts)
+    pki = TestPki()
+    sandbox = SandboxTarget(shell.target, shell.sudo, facts.smtpd, capability, redactor)
+    where = f"in the sandbox on {shell.name}, the host's {facts.config_path} and tables as they are"
+    out: list[Fact] = []
+    try:
+        sandbox.point((profile.host,), sandbox.upstream_address())
+        sandbox.trust(pki.ca_pem)
+        with UpstreamServer(profile, pki, "127.0.0.1", 0) as upstream:
+            try:
+                sandbox.open(profile.port, upstream.port)
+            except TargetError as exc:
+                if isinstance(exc, SandboxUnavailable):
+                    raise
+                raise SandboxUnavailable(redactor(str(exc))) from None
+            check = sandbox.check_config(facts.config_path)
+            if not check.ok and SANDBOX_LIMIT.search(check.output):
+                # A listener on an interface or address the sandbox lacks (it has only the
+                # host's loopback): a limit of the sandbox, not a fault of the host.
+                why = redactor(check.message or check.output)
+                raise SandboxUnavailable(
+                    f"its smtpd cannot listen there as configured ({why}): "
+                    "the sandbox has only a loopback interface"
+                )
+            try:
+                log = sandbox.start(facts.config_path) if check.ok else None
+            except TargetError:
+                limit = next((line for line in sandbox.log.lines if SANDBOX_LIMIT.search(line)), None)
+                if limit is not None:
+                    raise SandboxUnavailable(
+                        f"its smtpd cannot listen there as configured ({limit.strip()}): "
+                        "the sandbox has only a loopback interface"
+                    ) from None
+                raise
+            if log is None:
+                out.append(
+                    Fact(
+                        "relay",
+                        "fail",
+                        "the host's smtpd refused its own config and tables in the sandbox",
+                        f"smtpd -n -f {facts.config_path} ({where})",
+                        redactor(check.output),
+                    )
+                )
+            else:
+                run = RelayRun(sandbox, upstream, log, check)
+                for probe in probes:
+                    out.append(_relay_fact(probe, run_probe(run, probe, profile, redactor), where))
+    except SandboxUnavailable:
+        raise
+    except (TargetError, UpstreamError, EOFError) as exc:
+        raise AcceptError(
+            f"the relay probe could not run in the sandbox on {shell.name}: "
+            f"{redactor(str(exc)) or type(exc).__name__} (pass --relay-mode lab, or --no-relay)"
+        ) from None
+    finally:
+        sandbox.close()
+    out.append(_sandbox_gone(sandbox))
+    return out, notes
+
+
+def _sandbox_gone(sandbox: SandboxTarget) -> Fact:
+    command = f"ls /proc/*/ns/net | grep {sandbox.netns}; ls -d {sandbox.dir}"
+    if sandbox.leftovers:
+        return Fact(
+            "sandbox-removed",
+            "fail",
+            "the sandbox left something on the host",
+            command,
+            evidence=list(sandbox.leftovers),
+            hint="end the listed processes and remove the directory by hand",
+        )
+    return Fact(
+        "sandbox-removed",
+        "pass",
+        f"sandbox ended: no process left in its network namespace {sandbox.netns}, {sandbox.dir} removed",
+        command,
+    )
+
+
+def _lab_probe(facts: HostFacts, profile: Profile, lab_factory: LabFactory) -> tuple[list[Fact], list[str]]:
+    """The host's config and tables, copied verbatim into a local lab host, relaying to the fake."""
+    from harness.check import run_probe
+    from harness.relay import ConfigRejected, relay_run
+
+    notes: list[str] = []
     redactor = facts_redactor(facts, profile)
     bundle = _bundle(facts)
     pki = TestPki()
@@ -254,22 +428,12 @@ def relay_probe(
                                 add.add(user, password)
                 for cred in profile.credentials:
                     add.add(cred.user, cred.password)
-            probes, probe_notes = plan_probes(bundle, facts.parsed)
+            probes, probe_notes = _probe_plan(facts)
             notes.extend(probe_notes)
             with relay_run(target, bundle, profile, pki) as run:
                 for probe in probes:
                     r = run_probe(run, probe, profile, redactor)
-                    out.append(
-                        Fact(
-                            f"relay:{probe.name}",
-                            "pass" if r.ok else "fail",
-                            f"{probe.description}: {r.observed}" if r.ok else probe.description,
-                            f"sendmail -f root {probe.recipient} ({where.format(lab=lab)})",
-                            "" if r.ok else f"expected: {r.expected}\nobserved: {r.observed}",
-                            evidence=r.evidence,
-                            hint=r.hint,
-                        )
-                    )
+                    out.append(_relay_fact(probe, r, where.format(lab=lab)))
     except ConfigRejected as refused:
         out.append(
             Fact(
@@ -286,7 +450,7 @@ def relay_probe(
             f"the relay probe could not run in the local lab: {redactor(str(exc)) or type(exc).__name__} "
             "(pass --no-relay to check the host's facts only)"
         ) from None
-    return out, WAY_COPY, notes
+    return out, notes
 
 
 def facts_redactor(facts: HostFacts, profile: Profile | None) -> Redactor:
@@ -311,6 +475,7 @@ class AcceptOptions:
     config: str | None = None
     mail_log: str | None = None
     relay: bool = True
+    relay_mode: str = "auto"
 
 
 @dataclass
@@ -352,7 +517,9 @@ def run_accept(options: AcceptOptions, lab_factory: LabFactory = _default_lab) -
         gather(shell, facts, profile, options.mail_log)
         relay: list[Fact] = []
         if options.relay:
-            relay, report.relay_way, notes = relay_probe(facts, profile, lab_factory)
+            relay, report.relay_way, notes = relay_probe(
+                facts, profile, lab_factory, options.relay_mode, shell
+            )
             report.notes.extend(notes)
         else:
             report.notes.append("--no-relay: the relay was not probed")
@@ -521,6 +688,7 @@ def cmd_accept(args: Any) -> int:
         args.config,
         args.mail_log,
         not args.no_relay,
+        args.relay_mode,
     )
     try:
         report = run_accept(options)
