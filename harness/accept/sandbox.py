@@ -45,7 +45,7 @@ from harness.targets.base import (
     Target,
     TargetError,
 )
-from harness.targets.ssh import READY, CommandResult, SshTarget
+from harness.targets.ssh import CommandResult, SshTarget, wait_ready
 
 TMP_TEMPLATE = "/tmp/relay-harness-accept.XXXXXX"
 # Where the smarthost's name points inside the sandbox: on its loopback (all of 127/8 is local
@@ -357,7 +357,7 @@ class SandboxTarget(Target):
         self._smtpd = self._channel(self._inside(command, pid_ns=True), self.log)
         try:
             self._smtpd_pid = int(self.log.wait_for(r"^relay-harness-pid (\d+)$", READY_TIMEOUT).group(1))
-            self.log.wait_for(READY, READY_TIMEOUT)
+            wait_ready(self.log, READY_TIMEOUT)
         except TimeoutError as exc:
             self.stop()
             raise TargetError(f"{self.name}: smtpd did not start:\n{exc}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,7 +31,9 @@ SMTPD = "/usr/sbin/smtpd"
 SMTPCTL = "/usr/sbin/smtpctl"
 # OpenBSD's names for smtpd's group; a config written there says root:_smtpd for the secrets table.
 OPENBSD_GROUPS = {"_smtpd": "opensmtpd", "_smtpq": "opensmtpq"}
-READY = r"smtp: will accept at most \d+ clients"
+# smtpd is ready for a submission once its listeners are up and the queue process has loaded
+# the (empty) queue into the scheduler; a submission before the latter can get EX_TEMPFAIL (75).
+READY = (r"smtp: will accept at most \d+ clients", r"queue: done loading queue into scheduler")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,13 @@ class CommandResult:
     @property
     def output(self) -> str:
         return (self.stdout + self.stderr).strip()
+
+
+def wait_ready(log: LogFollower, timeout: float) -> None:
+    """Every READY line, in whatever order smtpd's processes log them."""
+    deadline = time.monotonic() + timeout
+    for pattern in READY:
+        log.wait_for(pattern, max(0.0, deadline - time.monotonic()))
 
 
 class SshTarget(Target):
@@ -220,7 +230,7 @@ class SshTarget(Target):
     def wait_ready(self, timeout: float = 10) -> None:
         """Until smtpd's control socket answers: only then are local submissions accepted."""
         try:
-            self.log.wait_for(READY, timeout)
+            wait_ready(self.log, timeout)
         except TimeoutError as exc:
             self.stop()
             raise TargetError(f"{self.name}: smtpd did not start:\n{self.redact(str(exc))}") from None
