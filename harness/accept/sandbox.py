@@ -45,7 +45,7 @@ from harness.targets.base import (
     Target,
     TargetError,
 )
-from harness.targets.ssh import CommandResult, SshTarget, wait_ready
+from harness.targets.ssh import CommandResult, SshTarget, follow_channel, wait_ready
 
 TMP_TEMPLATE = "/tmp/relay-harness-accept.XXXXXX"
 # Where the smarthost's name points inside the sandbox: on its loopback (all of 127/8 is local
@@ -273,19 +273,7 @@ class SandboxTarget(Target):
         return chan
 
     def _follow(self, chan: paramiko.Channel, log: LogFollower) -> None:
-        with contextlib.suppress(OSError, paramiko.SSHException, EOFError):
-            buf = b""
-            while True:
-                data = chan.recv(65536)
-                if not data:
-                    break
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    log.feed(self.redactor(line.decode("utf-8", "replace").rstrip("\r")))
-            if buf:
-                log.feed(self.redactor(buf.decode("utf-8", "replace")))
-        log.close()
+        follow_channel(chan, log, self.redactor)
 
     # -- the tunnel ---------------------------------------------------------------------------
     def _tunnel(self, upstream_port: int) -> int:

@@ -10,7 +10,7 @@ import contextlib
 import shlex
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import paramiko
@@ -46,6 +46,23 @@ class CommandResult:
     @property
     def output(self) -> str:
         return (self.stdout + self.stderr).strip()
+
+
+def follow_channel(chan: paramiko.Channel, log: LogFollower, redact: Callable[[str], str]) -> None:
+    """Feed a channel's output to `log` line by line (redacted) until it ends; then close the log."""
+    with contextlib.suppress(OSError, paramiko.SSHException, EOFError):
+        buf = b""
+        while True:
+            data = chan.recv(65536)
+            if not data:
+                break
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                log.feed(redact(line.decode("utf-8", "replace").rstrip("\r")))
+        if buf:
+            log.feed(redact(buf.decode("utf-8", "replace")))
+    log.close()
 
 
 def wait_ready(log: LogFollower, timeout: float) -> None:
@@ -236,19 +253,7 @@ class SshTarget(Target):
             raise TargetError(f"{self.name}: smtpd did not start:\n{self.redact(str(exc))}") from None
 
     def _follow(self, chan: paramiko.Channel, log: LogFollower) -> None:
-        with contextlib.suppress(OSError, paramiko.SSHException):
-            buf = b""
-            while True:
-                data = chan.recv(65536)
-                if not data:
-                    break
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    log.feed(self.redact(line.decode("utf-8", "replace").rstrip("\r")))
-            if buf:
-                log.feed(self.redact(buf.decode("utf-8", "replace")))
-        log.close()
+        follow_channel(chan, log, self.redact)
 
     def submit(self, mail: OutgoingMail) -> str:
         if mail.via == "smtp":
