@@ -77,6 +77,7 @@ _EXPECT = {
     "delivery",
     "queue",
     "mbox",
+    "bounce",
     "upstream_reply",
     "timeout",
 }
@@ -331,7 +332,7 @@ def _mails(raw: Any, loc: _Locator, index: int) -> tuple[Mail, ...]:
 
 def _check_expect(expect: dict[str, Any], loc: _Locator, index: int) -> None:
     _known(expect, _EXPECT, "expect.", loc, index)
-    for key, known in (("auth", _AUTH), ("delivery", _DELIVERY), ("mbox", _MBOX)):
+    for key, known in (("auth", _AUTH), ("delivery", _DELIVERY), ("mbox", _MBOX), ("bounce", _MBOX)):
         if key in expect:
             if not isinstance(expect[key], dict):
                 raise loc.error(f"expect.{key}", "must be a table", index)
@@ -463,15 +464,22 @@ def _check_run(
     delivery = expect.get("delivery")
     if delivery:
         _check_delivery(run, delivery, timeout, mark, fail)
-    mbox = expect.get("mbox")
-    if mbox:
+    for key, sender in (("mbox", ".*"), ("bounce", "")):
+        # A bounce is smtpd's own message, from the null sender <>, delivered to the local sender.
+        box = expect.get(key)
+        if not box:
+            continue
+        user = box["user"]
+        what = "bounce" if key == "bounce" else "local delivery"
         try:
-            run.log.wait_for(rf"mda delivery .* user={re.escape(mbox['user'])} ", timeout, since=mark)
+            run.log.wait_for(
+                rf"mda delivery evpid=\S+ from=<{sender}> .* user={re.escape(user)} ", timeout, mark
+            )
         except TimeoutError:
-            fail(f"a local delivery to {mbox['user']} within {timeout:g}s")
-        content = run.target.mailbox(mbox["user"]).decode("utf-8", "replace")
-        if mbox.get("contains", "") not in content or not content:
-            fail(f"{mbox['user']}'s mailbox to contain {mbox.get('contains', 'mail')!r}")
+            fail(f"a {what} to {user} within {timeout:g}s")
+        content = run.target.mailbox(user).decode("utf-8", "replace")
+        if box.get("contains", "") not in content or not content:
+            fail(f"{user}'s mailbox to contain {box.get('contains', 'mail')!r}")
     session = _check_relayed(run, case, expect, timeout, fail)
     _check_session(run, session, expect, fail)
     for pattern in expect.get("log_absent", []):
@@ -577,7 +585,8 @@ Format (see `harness/scenarios.py`): top-level `config` (inline) or `config_file
 (content of each `table NAME`), `[upstream]` (a provider profile), `ca_files`, and `[[case]]`s
 with overrides (`config_replace`, `upstream`, `tables`, `stale_tables`), `send`, and
 `[case.expect]`: `relayed`, `tls`, `auth`, `auth_attempted`, `mail_from`, `rcpt_to`, `log`,
-`log_absent`, `delivery`, `queue`, `mbox`, `upstream_reply`, `config_error`, `config_error_line`.
+`log_absent`, `delivery`, `queue`, `mbox`, `bounce`, `upstream_reply`, `config_error`,
+`config_error_line`.
 
 This index is generated: `relay-harness scenarios scenarios/ > scenarios/README.md`.
 """
