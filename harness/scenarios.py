@@ -19,7 +19,7 @@ from harness.pki import TestPki
 from harness.redact import Redactor
 from harness.relay import DELIVERY, ConfigRejected, RelayRun, relay_run
 from harness.smtpdconf import ConfigSyntaxError, parse_config
-from harness.targets.base import Bundle, BundleFile, OutgoingMail, Target
+from harness.targets.base import Bundle, BundleFile, OutgoingMail, Target, TargetError
 from harness.upstream import Profile, ProfileError, SessionRecord, profile_from_data
 
 DEFAULT_TIMEOUT = 10.0
@@ -62,7 +62,7 @@ _CASE = {
     "tables",
     "expect",
 }
-_SEND = {"from", "to", "subject", "user"}
+_SEND = {"from", "to", "subject", "user", "via", "address", "port"}
 _EXPECT = {
     "config_error",
     "config_error_line",
@@ -78,6 +78,7 @@ _EXPECT = {
     "queue",
     "mbox",
     "bounce",
+    "submission_refused",
     "upstream_reply",
     "timeout",
 }
@@ -100,6 +101,9 @@ class Mail:
     recipients: tuple[str, ...]
     subject: str
     user: str = "root"
+    via: str = "sendmail"  # or "smtp": to a listener of the target, from inside the target
+    address: str = "127.0.0.1"
+    port: int = 25
 
 
 @dataclass(frozen=True)
@@ -319,12 +323,21 @@ def _mails(raw: Any, loc: _Locator, index: int) -> tuple[Mail, ...]:
             to = [to]
         if not isinstance(to, list) or not to or not all(isinstance(t, str) for t in to):
             raise loc.error("send.to", "must be a list of recipient addresses", index)
+        via = item.get("via", "sendmail")
+        if via not in ("sendmail", "smtp"):
+            raise loc.error("send.via", "must be sendmail (local submission) or smtp (to a listener)", index)
+        port = item.get("port", 25)
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise loc.error("send.port", "must be a port number", index)
         mails.append(
             Mail(
                 sender=str(item.get("from", "root")),
                 recipients=tuple(to),
                 subject=str(item.get("subject", f"relay-harness scenario message {i + 1}")),
                 user=str(item.get("user", "root")),
+                via=via,
+                address=str(item.get("address", "127.0.0.1")),
+                port=port,
             )
         )
     return tuple(mails)
@@ -352,9 +365,19 @@ def _check_expect(expect: dict[str, Any], loc: _Locator, index: int) -> None:
     timeout = expect.get("timeout", DEFAULT_TIMEOUT)
     if not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT:
         raise loc.error("expect.timeout", f"must be seconds between 0 and {MAX_TIMEOUT:g}", index)
-    if expect.get("relayed") is False and not (expect.get("log") or expect.get("delivery")):
+    if "submission_refused" in expect:
+        try:
+            re.compile(expect["submission_refused"])
+        except (re.error, TypeError) as exc:
+            raise loc.error(
+                "expect.submission_refused", f"must be a regular expression: {exc}", index
+            ) from None
+    waits = ("log", "delivery", "submission_refused")
+    if expect.get("relayed") is False and not any(expect.get(k) for k in waits):
         raise loc.error(
-            "expect.relayed", "relayed = false needs a log or delivery expectation to wait on", index
+            "expect.relayed",
+            "relayed = false needs a log, delivery or submission_refused expectation to wait on",
+            index,
         )
     if "config_error" in expect and len(set(expect) - {"config_error", "config_error_line"}) > 0:
         raise loc.error("expect.config_error", "a refused config sends nothing: expect nothing else", index)
@@ -430,8 +453,7 @@ def run_case(target: Target, scenario: Scenario, case: Case, pki: TestPki) -> Ca
                 )
             else:
                 mark = run.log.mark()
-                for mail in case.mails:
-                    run.send(OutgoingMail(mail.sender, mail.recipients, mail.subject, user=mail.user))
+                _send_all(run, case, expect, outcome)
                 _check_run(run, case, expect, timeout, mark, outcome)
                 outcome.evidence.extend(_evidence(run, mark))
     except ConfigRejected as refused:
@@ -450,6 +472,32 @@ def run_case(target: Target, scenario: Scenario, case: Case, pki: TestPki) -> Ca
     outcome.failures = [redactor(f) for f in outcome.failures]
     outcome.evidence = [redactor(e) for e in outcome.evidence]
     return outcome
+
+
+def _send_all(run: RelayRun, case: Case, expect: dict[str, Any], outcome: CaseOutcome) -> None:
+    """Submit the case's mail; a refused submission is a failure unless the case expects it."""
+    wanted = expect.get("submission_refused")
+    refusals = []
+    for mail in case.mails:
+        out = OutgoingMail(
+            mail.sender,
+            mail.recipients,
+            mail.subject,
+            via=mail.via,
+            user=mail.user,
+            smtp_address=mail.address,
+            smtp_port=mail.port,
+        )
+        try:
+            run.send(out)
+        except TargetError as exc:
+            refusals.append(str(exc))
+    if wanted is None:
+        outcome.failures.extend(f"the submission to be accepted: {r}" for r in refusals)
+    elif not any(re.search(wanted, r) for r in refusals):
+        outcome.failures.append(
+            f"the submission to be refused with {wanted!r}, got: {refusals or 'accepted'}"
+        )
 
 
 def _check_run(
@@ -583,9 +631,9 @@ twin: the same config broken in one place, and what must then be seen instead.
 
 Format (see `harness/scenarios.py`): top-level `config` (inline) or `config_file`, `[tables]`
 (content of each `table NAME`), `[upstream]` (a provider profile), `ca_files`, and `[[case]]`s
-with overrides (`config_replace`, `upstream`, `tables`, `stale_tables`), `send`, and
+with overrides (`config_replace`, `upstream`, `tables`, `stale_tables`), `send` (sendmail or smtp), and
 `[case.expect]`: `relayed`, `tls`, `auth`, `auth_attempted`, `mail_from`, `rcpt_to`, `log`,
-`log_absent`, `delivery`, `queue`, `mbox`, `bounce`, `upstream_reply`, `config_error`,
+`log_absent`, `delivery`, `queue`, `mbox`, `bounce`, `submission_refused`, `upstream_reply`, `config_error`,
 `config_error_line`.
 
 This index is generated: `relay-harness scenarios scenarios/ > scenarios/README.md`.

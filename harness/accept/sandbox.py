@@ -45,7 +45,7 @@ from harness.targets.base import (
     Target,
     TargetError,
 )
-from harness.targets.ssh import CommandResult, SshTarget, follow_channel, wait_ready
+from harness.targets.ssh import CommandResult, SshTarget, follow_channel, submission_command, wait_ready
 
 TMP_TEMPLATE = "/tmp/relay-harness-accept.XXXXXX"
 # Where the smarthost's name points inside the sandbox: on its loopback (all of 127/8 is local
@@ -352,18 +352,9 @@ class SandboxTarget(Target):
         return self.log
 
     def submit(self, mail: OutgoingMail) -> str:
-        if mail.via != "sendmail":
-            raise TargetError(f"{self.name}: only sendmail submission is implemented in the sandbox")
-        if any(ch in r for r in (mail.sender, *mail.recipients) for ch in "\0\r\n"):
-            # sshd drops the whole connection on a NUL in a command line: refuse it here.
-            raise TargetError(f"{self.name}: refusing to submit to an address with control characters")
-        rcpts = " ".join(shlex.quote(r) for r in mail.recipients)
-        command = f"/usr/sbin/sendmail -f {shlex.quote(mail.sender)} {rcpts}"
-        if mail.user != "root":
-            command = f"su -s /bin/sh {shlex.quote(mail.user)} -c {shlex.quote(command)}"
-        result = self.run_inside(command, stdin=mail.as_bytes())
+        result = self.run_inside(submission_command(mail), stdin=mail.as_bytes())
         if result.returncode != 0:
-            raise TargetError(f"{self.name}: sendmail exited {result.returncode}: {result.output}")
+            raise TargetError(f"{self.name}: {mail.via} exited {result.returncode}: {result.output}")
         return result.output
 
     def control(self, *args: str) -> str:

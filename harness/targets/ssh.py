@@ -48,6 +48,41 @@ class CommandResult:
         return (self.stdout + self.stderr).strip()
 
 
+# SMTP submission from inside the target, with the target's own python3 (stdlib smtplib), so the
+# connection comes from the host itself, as a local client's would: `listen on` + `match from local`.
+_SMTP_SUBMIT = """
+import smtplib, sys
+host, port, sender, *rcpts = sys.argv[1:]
+try:
+    with smtplib.SMTP(host, int(port), timeout=30) as smtp:
+        refused = smtp.sendmail(sender, rcpts, sys.stdin.buffer.read())
+except (OSError, smtplib.SMTPException) as exc:
+    sys.exit(f"SMTP to {host}:{port}: {exc}")
+for rcpt, (code, text) in refused.items():
+    print(f"refused {rcpt}: {code} {text.decode()}")
+"""
+
+
+def submission_command(mail: OutgoingMail) -> str:
+    """The shell command that hands `mail` (on stdin) to smtpd: sendmail, or SMTP to a listener."""
+    if any(ch in a for a in (mail.sender, *mail.recipients) for ch in "\0\r\n"):
+        # sshd drops the whole connection on a NUL in a command line: refuse such input here.
+        raise TargetError(f"refusing to submit mail with control characters in an address: {mail.recipients}")
+    rcpts = " ".join(shlex.quote(r) for r in mail.recipients)
+    if mail.via == "smtp":
+        command = (
+            f"python3 -c {shlex.quote(_SMTP_SUBMIT)} {shlex.quote(mail.smtp_address)} {mail.smtp_port} "
+            f"{shlex.quote(mail.sender)} {rcpts}"
+        )
+    elif mail.via == "sendmail":
+        command = f"/usr/sbin/sendmail -f {shlex.quote(mail.sender)} {rcpts}"
+    else:
+        raise TargetError(f"unknown submission {mail.via!r}: sendmail or smtp")
+    if mail.user != "root":
+        command = f"su -s /bin/sh {shlex.quote(mail.user)} -c {shlex.quote(command)}"
+    return command
+
+
 def follow_channel(chan: paramiko.Channel, log: LogFollower, redact: Callable[[str], str]) -> None:
     """Feed a channel's output to `log` line by line (redacted) until it ends; then close the log."""
     with contextlib.suppress(OSError, paramiko.SSHException, EOFError):
@@ -256,15 +291,9 @@ class SshTarget(Target):
         follow_channel(chan, log, self.redact)
 
     def submit(self, mail: OutgoingMail) -> str:
-        if mail.via == "smtp":
-            raise TargetError(f"{self.name}: SMTP submission is not implemented on SSH targets yet")
-        rcpts = " ".join(shlex.quote(r) for r in mail.recipients)
-        command = f"/usr/sbin/sendmail -f {shlex.quote(mail.sender)} {rcpts}"
-        if mail.user != "root":
-            command = f"su -s /bin/sh {shlex.quote(mail.user)} -c {shlex.quote(command)}"
-        result = self.run(command, stdin=mail.as_bytes())
+        result = self.run(submission_command(mail), stdin=mail.as_bytes())
         if result.returncode != 0:
-            raise TargetError(f"{self.name}: sendmail exited {result.returncode}: {result.output}")
+            raise TargetError(f"{self.name}: {mail.via} exited {result.returncode}: {result.output}")
         return result.output
 
     def control(self, *args: str) -> str:
