@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from harness.waiting import Subscribers
@@ -217,8 +217,3 @@ class Target(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def shell_quote_all(args: Sequence[str]) -> str:
-    import shlex
-
-    return " ".join(shlex.quote(a) for a in args)

@@ -220,12 +220,6 @@ class SshTarget(Target):
             self._id_cache[key] = (int(lines[0]), int(lines[1]))
         return self._id_cache[key]
 
-    def _group(self, group: str) -> str:
-        """The group name to use in shell commands (see `_ids`)."""
-        if group in OPENBSD_GROUPS and self.run(f"getent group {shlex.quote(group)}").returncode != 0:
-            return OPENBSD_GROUPS[group]
-        return group
-
     # -- Target ---------------------------------------------------------------------------------
     def install(self, bundle: Bundle) -> None:
         if bundle.users:
@@ -245,10 +239,12 @@ class SshTarget(Target):
         self.write_file(f.path, f.content, f.mode, f.owner, f.group)
         if f.db is not None:
             self.makemap(f.path, f.db, f.aliases)
-            self.check(
-                f"chown {shlex.quote(f.owner)}:{shlex.quote(self._group(f.group))} {shlex.quote(f.db)}"
-                f" && chmod {f.mode:o} {shlex.quote(f.db)}"
-            )
+            uid, gid = self._ids(f.owner, f.group)
+            try:
+                self.sftp().chown(f.db, uid, gid)
+                self.sftp().chmod(f.db, f.mode)
+            except (OSError, paramiko.SSHException) as exc:
+                raise TargetError(f"{self.name}: cannot set owner and mode of {f.db}: {exc}") from exc
 
     def makemap(self, source: str, db: str, aliases: bool = False) -> CommandResult:
         """Build the db from its source, as an admin runs makemap/newaliases after an edit."""
