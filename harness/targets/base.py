@@ -216,4 +216,3 @@ class Target(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
