@@ -6,7 +6,7 @@ Two figures decide whether the lab is cheap enough to build a host per test and 
 by waiting on records:
 
 1. test host bring-up: network namespace + sshd + SSH connected + smtpd started and ready
-   (`Lab.create_host`, then `SshTarget.start` until smtpd logs that it accepts clients).
+   (`Lab.create_host`, then `SmtpdTarget.start` until smtpd logs that it accepts clients).
    Installing the bundle and `smtpd -n` are shown apart: they depend on the config, not the lab.
    Floor: `smtpd -d -v -f CONF` started inside the same, already built host until a TCP connect
    to 127.0.0.1:25 there gets the `220` banner, timed by a probe running inside the host (so SSH
@@ -40,7 +40,9 @@ from pathlib import Path
 
 from harness.pki import TestPki
 from harness.relay import RelayRun, relay_run
-from harness.targets import Bundle, BundleFile, Lab, LabHost, OutgoingMail, SshTarget
+from harness.targets.base import Bundle, BundleFile, OutgoingMail
+from harness.targets.lab import Lab, LabHost
+from harness.targets.smtpd import SmtpdTarget
 from harness.upstream import MessageRecord, Profile, SessionRecord, parse_profile
 
 MAX_HOSTS = 100
@@ -185,7 +187,7 @@ def profile() -> Profile:
     return parse_profile(PROFILE)
 
 
-def prepare(host: LabHost, target: SshTarget, pki: TestPki) -> None:
+def prepare(host: LabHost, target: SmtpdTarget, pki: TestPki) -> None:
     """What relay_run does before it starts smtpd, for a host with no upstream yet."""
     target.install(bundle())
     target.point([HOST], host.upstream_address)
@@ -223,9 +225,9 @@ def bring_up(lab: Lab, pki: TestPki, count: int, deadline: Deadline, out: Result
             lab.destroy_host(host)
 
 
-def floor(target: SshTarget, deadline: Deadline, out: Results) -> None:
+def floor(target: SmtpdTarget, deadline: Deadline, out: Results) -> None:
     """smtpd's own start, timed inside the host that was just measured (same files, same kernel)."""
-    target.check("find /var/spool/smtpd /var/mail -mindepth 1 -delete")  # as SshTarget.start does
+    target.check("find /var/spool/smtpd /var/mail -mindepth 1 -delete")  # as SmtpdTarget.start does
     limit = deadline.wait()
     command = f"{shlex.quote(PROBE_PYTHON)} -c {shlex.quote(PROBE)} /etc/smtpd.conf {limit:.1f}"
     result = target.run(command, timeout=limit + 10)

@@ -13,15 +13,17 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from harness.errors import HarnessError
 from harness.pki import TestPki
-from harness.upstream import ProfileError, SessionRecord, UpstreamError, UpstreamServer, load_profile
+from harness.upstream import SessionRecord, UpstreamServer, load_profile
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
-    """Anything the user can fix: printed as one line, exit 2."""
+class UsageError(HarnessError):
+    """A flag or argument the user must fix: printed as one line, exit 2."""
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -33,10 +35,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 def cmd_upstream(args: argparse.Namespace) -> int:
     """Run the fake provider until SIGINT/SIGTERM, appending one JSON line per finished session."""
-    try:
-        profile = load_profile(args.profile)
-    except ProfileError as exc:
-        raise UsageError(str(exc)) from None
+    profile = load_profile(args.profile)
     host, port = args.listen if args.listen else ("127.0.0.1", profile.port)
     pki = TestPki.load_or_create(args.certs)
     record_file = args.record.open("a", encoding="utf-8") if args.record else None
@@ -54,10 +53,7 @@ def cmd_upstream(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        server.start()
-    except UpstreamError as exc:
-        raise UsageError(str(exc)) from None
+    server.start()
     print(
         f"relay-harness upstream: listening on {server.host}:{server.port} "
         f"(tls={profile.tls}, auth={profile.auth}, protocol={profile.protocol}); "
@@ -84,56 +80,73 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Run the config in a real smtpd on a lab test host against the provider profile."""
-    from harness.check import CheckInput, CheckUsageError, lab_target, parse_table_flags, run_check
-    from harness.report import text_report, write_json, write_junit
-    from harness.targets.base import TargetError
+    """Run the config in a real smtpd (a lab test host, or a sandbox on --target ssh://...)."""
+    from harness.check import CheckInput, parse_table_flags, run_check
+    from harness.report import json_report, text_report, write_json, write_junit
+    from harness.targets.select import parse_target, run_on
 
     try:
         config_text = args.config.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{args.config}: cannot read: {exc.strerror}") from None
-    try:
-        profile = load_profile(args.upstream)
-        tables = parse_table_flags(args.table or [])
-    except (ProfileError, CheckUsageError) as exc:
-        raise UsageError(str(exc)) from None
+    profile = load_profile(args.upstream)
+    tables = parse_table_flags(args.table or [])
+    spec = parse_target(args.target, args.identity, args.known_hosts)
     inp = CheckInput(args.config, config_text, profile, tables)
     pki = TestPki()
-    try:
-        with lab_target(pki) as target:
-            report = run_check(target, inp, pki)
-    except CheckUsageError as exc:
-        raise UsageError(str(exc)) from None
-    except (TargetError, UpstreamError) as exc:
-        raise UsageError(str(exc)) from None
+    report, notes = run_on(spec, pki, profile.port, lambda target: run_check(target, inp, pki))
+    report.notes.extend(notes)
     print(text_report(report), flush=True)
     if args.report_json:
-        write_json(report, args.report_json)
+        write_json(json_report(report), args.report_json)
     if args.junit:
         write_junit(report, args.junit)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_accept(args: argparse.Namespace) -> int:
+    """The `accept` subcommand: exit 0 as before, 1 a finding or difference, 2 cannot check."""
+    from harness.accept.run import AcceptOptions, run_accept
+    from harness.report import accept_json, accept_junit, accept_text
+    from harness.report import write_json as write_data
+
+    options = AcceptOptions(
+        args.url,
+        args.identity,
+        args.known_hosts,
+        args.upstream,
+        args.baseline,
+        args.save_baseline,
+        args.config,
+        args.mail_log,
+        not args.no_relay,
+        args.relay_mode,
+    )
+    report = run_accept(options)
+    print(accept_text(report), flush=True)
+    try:
+        if args.report_json:
+            write_data(accept_json(report), args.report_json)
+        if args.junit:
+            accept_junit(report, args.junit)
+    except OSError as exc:
+        raise UsageError(f"cannot write the report: {exc}") from None
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def cmd_scenarios(args: argparse.Namespace) -> int:
     """Print the scenario library's index (scenarios/README.md is this output)."""
-    from harness.scenarios import ScenarioError, index_markdown
+    from harness.scenarios import index_markdown
 
-    try:
-        print(index_markdown(args.directory), end="")
-    except ScenarioError as exc:
-        raise UsageError(str(exc)) from None
+    print(index_markdown(args.directory), end="")
     return EXIT_OK
 
 
 def cmd_lab_clean(args: argparse.Namespace) -> int:
     """Remove what a killed run left: namespaces (and their processes) and temp dirs."""
-    from harness.targets.lab import LabError, check_environment, clean_stale
+    from harness.targets.lab import check_environment, clean_stale
 
-    try:
-        check_environment()
-    except LabError as exc:
-        raise UsageError(str(exc)) from None
+    check_environment()
     removed = clean_stale()
     for item in removed:
         print(f"removed {item}")
@@ -158,7 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", type=Path, help="the smtpd.conf as it will ship")
     check.add_argument("--upstream", type=Path, required=True, help="provider profile (TOML)")
     check.add_argument("--table", action="append", metavar="NAME=FILE", help="content of `table NAME`")
-    check.add_argument("--target", choices=["lab"], default="lab", help="where smtpd runs (default: lab)")
+    check.add_argument(
+        "--target",
+        default="lab",
+        metavar="lab|ssh://USER@HOST[:PORT]",
+        help="where smtpd runs: a lab test host (default), or a sandbox on an existing host with its own "
+        "smtpd (nothing on it modified; falls back to the lab when the host cannot sandbox)",
+    )
+    check.add_argument("--identity", type=Path, help="SSH private key for --target ssh://")
+    check.add_argument("--known-hosts", type=Path, help="known_hosts with the key of --target ssh://")
     check.add_argument("--report-json", type=Path, help="write the report as JSON here")
     check.add_argument("--junit", type=Path, help="write a JUnit XML report here (one testcase per probe)")
     check.set_defaults(func=cmd_check)
@@ -172,15 +193,51 @@ def build_parser() -> argparse.ArgumentParser:
     clean = lab_sub.add_parser("clean", help="remove test hosts and temp dirs left by killed runs")
     clean.set_defaults(func=cmd_lab_clean)
 
-    from harness.accept import register as register_accept
-
-    register_accept(sub)
+    _add_accept(sub)
 
     certs = sub.add_parser("certs", help="create or reuse the test CA (and leaves) in a directory")
     certs.add_argument("--certs", type=Path, default=Path("certs"))
     certs.add_argument("host", nargs="*", help="host names to issue leaves for")
     certs.set_defaults(func=cmd_certs)
     return parser
+
+
+def _add_accept(sub: Any) -> None:
+    from harness.accept.run import RELAY_MODES
+
+    p = sub.add_parser(
+        "accept",
+        help="read-only acceptance checks of an existing mail host over SSH (before/after an upgrade)",
+        description="Check, without changing anything on it, that a host's OpenSMTPD still relays as before.",
+    )
+    p.add_argument("url", metavar="ssh://USER@HOST[:PORT]", help="the host to check")
+    p.add_argument("--identity", type=Path, help="SSH private key (default: agent and ~/.ssh keys)")
+    p.add_argument("--known-hosts", type=Path, help="known_hosts file with the host's key (besides ~/.ssh)")
+    p.add_argument(
+        "--upstream", type=Path, metavar="PROFILE.toml", help="provider profile for the relay probe"
+    )
+    p.add_argument("--baseline", type=Path, metavar="FILE.json", help="compare with a saved baseline")
+    p.add_argument(
+        "--save-baseline", type=Path, metavar="FILE.json", help="save this run's facts as a baseline"
+    )
+    p.add_argument("--report-json", type=Path, metavar="FILE", help="write the report as JSON here")
+    p.add_argument(
+        "--junit", type=Path, metavar="FILE", help="write a JUnit XML report (one testcase per check)"
+    )
+    p.add_argument(
+        "--config", help="smtpd.conf path on the host (default /etc/smtpd.conf, /etc/mail/smtpd.conf)"
+    )
+    p.add_argument("--mail-log", help="mail log on the host (default /var/log/mail.log or /var/log/maillog)")
+    p.add_argument("--no-relay", action="store_true", help="skip the relay probe (facts only)")
+    p.add_argument(
+        "--relay-mode",
+        choices=RELAY_MODES,
+        default="auto",
+        help="where the relay probe runs: sandbox = a second smtpd in private namespaces on the host "
+        "(its binary, config and tables as they are), lab = the host's files copied into a local lab "
+        "host, auto = the sandbox when the host can run it (default)",
+    )
+    p.set_defaults(func=cmd_accept)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -195,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except UsageError as exc:
+    except HarnessError as exc:
         print(f"relay-harness: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -2,6 +2,8 @@
 
 Lab fixtures skip where the lab cannot run (not root, no OpenSMTPD) on a developer's machine,
 but fail under CI=true: a CI run that silently skipped every real test would be a green lie.
+pytest loads this module in every run of a user's environment: the harness's heavy modules
+(paramiko, aiosmtpd, cryptography) are imported only when a fixture or scenario is used.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.pki import TestPki
-from harness.targets.base import TargetError
-from harness.targets.lab import Lab, LabError, LabHost, check_environment
-
 if TYPE_CHECKING:
+    from harness.pki import TestPki
     from harness.scenarios import Case, Scenario
+    from harness.targets.lab import Lab, LabHost
 
 
 def _lab_unavailable() -> str | None:
+    from harness.targets.lab import LabError, check_environment
+
     try:
         check_environment()
     except LabError as exc:
@@ -32,6 +34,8 @@ def _lab_unavailable() -> str | None:
 @pytest.fixture(scope="session")
 def relay_pki() -> TestPki:
     """The test CA every lab host trusts and every fake upstream's certificate comes from."""
+    from harness.pki import TestPki
+
     return TestPki()
 
 
@@ -43,6 +47,8 @@ def relay_lab(relay_pki: TestPki) -> Iterator[Lab]:
         if os.environ.get("CI"):
             pytest.fail(f"the lab cannot run under CI: {why}", pytrace=False)
         pytest.skip(f"lab unavailable: {why}")
+    from harness.targets.lab import Lab
+
     lab = Lab(relay_pki.ca_pem)
     try:
         yield lab
@@ -68,9 +74,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--relay-target",
         default="lab",
-        choices=["lab"],
-        help="where scenario configs run: lab (test hosts with the real OpenSMTPD)",
+        metavar="lab|ssh://USER@HOST[:PORT]",
+        help="where scenario configs run: lab (test hosts with the real OpenSMTPD, the default), or a "
+        "sandbox on an existing host with its own smtpd (falls back to the lab where it cannot)",
     )
+    group.addoption("--relay-identity", type=Path, help="SSH private key for --relay-target ssh://")
+    group.addoption("--relay-known-hosts", type=Path, help="known_hosts for --relay-target ssh://")
     group.addoption(
         "--relay-keep",
         action="store_true",
@@ -84,6 +93,13 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, meaning in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
     config.addinivalue_line("markers", "lab: needs root, network namespaces and the real OpenSMTPD")
+    from harness.errors import HarnessError
+    from harness.targets.select import parse_target
+
+    try:
+        parse_target(config.getoption("relay_target"))
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -92,8 +108,8 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     return None
 
 
-_LAB_KEY = pytest.StashKey[Lab]()
-_PKI_KEY = pytest.StashKey[TestPki]()
+_LAB_KEY = pytest.StashKey["Lab"]()
+_PKI_KEY = pytest.StashKey["TestPki"]()
 
 
 def _scenario_lab(config: pytest.Config) -> tuple[Lab, TestPki]:
@@ -104,6 +120,9 @@ def _scenario_lab(config: pytest.Config) -> tuple[Lab, TestPki]:
             if os.environ.get("CI"):
                 pytest.fail(f"the lab cannot run under CI: {why}", pytrace=False)
             pytest.skip(f"lab unavailable: {why}")
+        from harness.pki import TestPki
+        from harness.targets.lab import Lab
+
         pki = TestPki()
         config.stash[_PKI_KEY] = pki
         config.stash[_LAB_KEY] = Lab(pki.ca_pem)
@@ -144,6 +163,10 @@ class ScenarioItem(pytest.Item):
     def runtest(self) -> None:
         from harness.scenarios import run_case
 
+        spec = self.config.getoption("relay_target")
+        if spec != "lab":
+            self._run_elsewhere(spec)
+            return
         lab, pki = _scenario_lab(self.config)
         host = lab.create_host()
         keep = False
@@ -161,13 +184,33 @@ class ScenarioItem(pytest.Item):
             if not keep:
                 lab.destroy_host(host)
 
+    def _run_elsewhere(self, spec: str) -> None:
+        """On --relay-target ssh://...: a sandbox on that host per case (the lab where it cannot)."""
+        from harness.pki import TestPki
+        from harness.scenarios import run_case
+        from harness.targets.select import parse_target, run_on
+
+        target = parse_target(
+            spec, self.config.getoption("relay_identity"), self.config.getoption("relay_known_hosts")
+        )
+        pki = TestPki()
+        outcome, notes = run_on(
+            target, pki, self.case.profile.port, lambda t: run_case(t, self.scenario, self.case, pki)
+        )
+        for note in notes:
+            self.add_report_section("call", "relay-target", note)
+        if not outcome.ok:
+            raise ScenarioFailure(outcome.explain())
+
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, ScenarioFailure):
             head = f"scenario {self.scenario.path.name}::{self.case.name} failed"
             if self.case.description:
                 head += f" ({self.case.description})"
             return f"{head}\n{excinfo.value}"
-        if isinstance(excinfo.value, TargetError):
+        from harness.errors import HarnessError
+
+        if isinstance(excinfo.value, HarnessError):
             return f"scenario {self.case.name}: {excinfo.value}"
         return str(super().repr_failure(excinfo))
 

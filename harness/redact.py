@@ -33,6 +33,10 @@ class Redactor:
             self._needles.add(base64.b64encode(form.encode()).decode())
         self._needles.add(base64.b64encode(password.encode()).decode().rstrip("="))
 
+    def extend(self, other: Redactor) -> None:
+        """Redact what `other` redacts, too (a target's redactor learning a run's credentials)."""
+        self._needles |= other._needles
+
     def __call__(self, text: str) -> str:
         # Longest first, so an encoded blob is masked whole before a shorter needle cuts into it.
         for needle in sorted(self._needles, key=len, reverse=True):

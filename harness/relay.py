@@ -1,8 +1,8 @@
 """One config under test wired to one fake upstream on one target: the unit every check runs.
 
-Order matters and is the same everywhere (tests, `check`, scenarios, benchmarks): install the
-bundle verbatim, point the smarthost's name at the upstream, trust the test CA, let smtpd judge
-the config, then start the upstream and a fresh smtpd.
+Order matters and is the same everywhere (tests, `check`, scenarios, `accept`, benchmarks): start
+the upstream and attach the target to it, install the bundle verbatim, point the smarthost's name
+at the upstream, trust the test CA, let smtpd judge the config, then start a fresh smtpd.
 """
 
 from __future__ import annotations
@@ -63,13 +63,21 @@ class RelayRun:
 def relay_run(
     target: Target, bundle: Bundle, profile: Profile, pki: TestPki, extra_names: tuple[str, ...] = ()
 ) -> Iterator[RelayRun]:
-    target.install(bundle)
-    target.point((profile.host, *extra_names), target.upstream_address())
-    target.trust(pki.ca_pem)
-    check = target.check_config(bundle.config_path)
-    if not check.ok:
-        raise ConfigRejected(target.name, check)
-    with UpstreamServer(profile, pki, target.upstream_address()) as upstream:
+    """The only way a config meets a fake upstream, on any target.
+
+    The upstream starts first (milliseconds) so that a target reaching it through a tunnel can
+    attach before anything else runs there; then the bundle, the names, the CA, `smtpd -n`, and
+    a fresh smtpd.
+    """
+    host, port = target.upstream_listen()
+    with UpstreamServer(profile, pki, host, port) as upstream:
+        target.attach_upstream(upstream.host, upstream.port)
+        target.install(bundle)
+        target.point((profile.host, *extra_names), target.upstream_address())
+        target.trust(pki.ca_pem)
+        check = target.check_config(bundle.config_path)
+        if not check.ok:
+            raise ConfigRejected(target.name, check)
         log = target.start(bundle.config_path)
         try:
             yield RelayRun(target, upstream, log, check)

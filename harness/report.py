@@ -1,7 +1,9 @@
-"""Reports of a check: text for people, JSON for scripts, JUnit XML for CI dashboards.
+"""Reports for every command: text for people, JSON for scripts, JUnit XML for CI dashboards.
 
-Every report is built from the same CheckReport, whose texts were redacted when they were
-recorded, so no format can leak a password the others hide.
+`check` and `accept` both come down to rows (a probe, a fact) with a status and the lines that
+explain it; the text and JUnit writers here render any list of rows, so both commands' reports
+read alike. Every text was redacted when it was recorded, so no format can leak a password the
+others hide.
 """
 
 from __future__ import annotations
@@ -9,34 +11,103 @@ from __future__ import annotations
 import dataclasses
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.check import CheckReport
+if TYPE_CHECKING:
+    from harness.accept.facts import Fact
+    from harness.accept.run import AcceptReport
+    from harness.check import CheckReport
+    from harness.probes import ProbeResult
+
+MAX_OUTPUT_LINES = 8
 
 
-def text_report(report: CheckReport) -> str:
-    lines = [f"relay-harness check {report.config} on {report.target}"]
-    if report.verdict == "refused":
-        where = f"{report.config}:{report.refusal_line}: " if report.refusal_line else ""
-        lines.append(f"  REFUSED  smtpd -n: {where}{report.refusal}")
-        lines.extend(_finding_lines(report, only_line=report.refusal_line))
-    for r in report.results:
-        lines.append(f"  {'PASS' if r.ok else 'FAIL'}  {r.probe.name}: {r.probe.description}")
-        if not r.ok:
-            lines.append(f"        expected: {r.expected}")
-            lines.append(f"        observed: {r.observed}")
-            lines.extend(f"        evidence: {e}" for e in r.evidence if e)
-            if r.hint:
-                lines.append(f"        fix: {r.hint}")
-    if report.verdict != "refused":
-        lines.extend(_finding_lines(report))
-    lines.extend(f"  note: {n}" for n in report.notes)
-    passed = sum(r.ok for r in report.results)
-    failed = len(report.results) - passed
-    verdict = {"pass": "PASS", "fail": "FAIL", "refused": "FAIL (config refused)"}[report.verdict]
-    lines.append(f"{verdict}: {passed} passed, {failed} failed in {report.seconds:.2f}s")
+@dataclass(frozen=True)
+class Row:
+    """One line of a report and what explains it: a probe of `check`, a fact of `accept`."""
+
+    name: str
+    status: str  # pass, fail, warn, info
+    summary: str
+    details: tuple[str, ...] = ()  # shown under the row, already worded
+    failure: str = ""  # JUnit's failure message
+    body: str = ""  # JUnit's failure text or system-out
+    seconds: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
+
+
+@dataclass
+class Report:
+    """Rows between a head line and a verdict line; `extra` lines stand after the rows."""
+
+    title: str
+    head: str
+    rows: list[Row] = field(default_factory=list)
+    before: list[str] = field(default_factory=list)  # lines before the rows (a refusal)
+    extra: list[str] = field(default_factory=list)
+    verdict: str = ""
+    seconds: float = 0.0
+    classname: str = "relay-harness"
+
+
+def text(report: Report) -> str:
+    lines = [report.head, *report.before]
+    for row in report.rows:
+        lines.append(f"  {row.status.upper():4}  {row.name}: {row.summary}")
+        lines.extend(f"        {d}" for d in row.details)
+    lines.extend(report.extra)
+    lines.append(report.verdict)
     return "\n".join(lines)
+
+
+def junit(report: Report, path: Path) -> None:
+    """One testcase per row; failing rows carry their explanation, others it as system-out."""
+    suite = ET.Element("testsuite", name=report.title)
+    failures = 0
+    for row in report.rows:
+        attrs = {"classname": report.classname, "name": row.name}
+        if row.seconds is not None:
+            attrs["time"] = f"{row.seconds:.3f}"
+        case = ET.SubElement(suite, "testcase", attrs)
+        if row.failed:
+            failures += 1
+            failure = ET.SubElement(case, "failure", message=row.failure or row.summary)
+            failure.text = row.body
+        elif row.body:
+            ET.SubElement(case, "system-out").text = row.body
+    suite.set("tests", str(len(report.rows)))
+    suite.set("failures", str(failures))
+    suite.set("time", f"{report.seconds:.3f}")
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# -- check ----------------------------------------------------------------------------------------
+def _probe_row(r: ProbeResult) -> Row:
+    details: list[str] = []
+    if not r.ok:
+        details = [f"expected: {r.expected}", f"observed: {r.observed}"]
+        details += [f"evidence: {e}" for e in r.evidence if e]
+        if r.hint:
+            details.append(f"fix: {r.hint}")
+    return Row(
+        r.probe.name,
+        "pass" if r.ok else "fail",
+        r.probe.description,
+        tuple(details),
+        failure=f"expected {r.expected}; observed {r.observed}",
+        body="\n".join([*r.evidence, *([f"fix: {r.hint}"] if r.hint else [])]) if not r.ok else "",
+        seconds=r.seconds,
+    )
 
 
 def _finding_lines(report: CheckReport, only_line: int | None = None) -> list[str]:
@@ -48,6 +119,30 @@ def _finding_lines(report: CheckReport, only_line: int | None = None) -> list[st
         if f.hint:
             out.append(f"        fix: {f.hint}")
     return out
+
+
+def check_report(report: CheckReport) -> Report:
+    out = Report(
+        f"relay-harness check {report.config}", f"relay-harness check {report.config} on {report.target}"
+    )
+    out.classname, out.seconds = "relay-harness.check", report.seconds
+    if report.verdict == "refused":
+        where = f"{report.config}:{report.refusal_line}: " if report.refusal_line else ""
+        out.before.append(f"  REFUSED  smtpd -n: {where}{report.refusal}")
+        out.before.extend(_finding_lines(report, only_line=report.refusal_line))
+    out.rows = [_probe_row(r) for r in report.results]
+    if report.verdict != "refused":
+        out.extra.extend(_finding_lines(report))
+    out.extra.extend(f"  note: {n}" for n in report.notes)
+    passed = sum(r.ok for r in report.results)
+    failed = len(report.results) - passed
+    verdict = {"pass": "PASS", "fail": "FAIL", "refused": "FAIL (config refused)"}[report.verdict]
+    out.verdict = f"{verdict}: {passed} passed, {failed} failed in {report.seconds:.2f}s"
+    return out
+
+
+def text_report(report: CheckReport) -> str:
+    return text(check_report(report))
 
 
 def json_report(report: CheckReport) -> dict[str, Any]:
@@ -77,30 +172,107 @@ def json_report(report: CheckReport) -> dict[str, Any]:
     }
 
 
-def write_json(report: CheckReport, path: Path) -> None:
-    path.write_text(json.dumps(json_report(report), indent=2) + "\n", encoding="utf-8")
-
-
 def write_junit(report: CheckReport, path: Path) -> None:
     """One testcase per probe; a refused config is one failing testcase `smtpd-accepts-config`."""
-    suite = ET.Element("testsuite", name=f"relay-harness check {report.config}")
-    cases = 0
-    failures = 0
+    out = check_report(report)
     if report.verdict == "refused":
-        case = ET.SubElement(suite, "testcase", classname="relay-harness.check", name="smtpd-accepts-config")
-        failure = ET.SubElement(case, "failure", message=f"smtpd refused the config: {report.refusal}")
-        failure.text = text_report(report)
-        cases, failures = 1, 1
-    for r in report.results:
-        case = ET.SubElement(
-            suite, "testcase", classname="relay-harness.check", name=r.probe.name, time=f"{r.seconds:.3f}"
+        refused = Row(
+            "smtpd-accepts-config",
+            "fail",
+            "smtpd accepts the config",
+            failure=f"smtpd refused the config: {report.refusal}",
+            body=text(out),
         )
-        cases += 1
-        if not r.ok:
-            failures += 1
-            failure = ET.SubElement(case, "failure", message=f"expected {r.expected}; observed {r.observed}")
-            failure.text = "\n".join([*r.evidence, *([f"fix: {r.hint}"] if r.hint else [])])
-    suite.set("tests", str(cases))
-    suite.set("failures", str(failures))
-    suite.set("time", f"{report.seconds:.3f}")
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+        out.rows.insert(0, refused)
+    junit(out, path)
+
+
+# -- accept ---------------------------------------------------------------------------------------
+def _fact_row(f: Fact) -> Row:
+    details: list[str] = []
+    if f.command:
+        details.append(f"$ {f.command}")
+    output = f.output.splitlines()
+    if f.status != "pass" or len(output) <= 2:
+        shown = output[:MAX_OUTPUT_LINES]
+        details.extend(f"| {line}" for line in shown)
+        if len(output) > len(shown):
+            details.append(f"| ... ({len(output) - len(shown)} more lines in the JSON report)")
+    details.extend(f"evidence: {e}" for e in f.evidence)
+    if f.hint and f.status != "pass":
+        details.append(f"fix: {f.hint}")
+    body = "\n".join([f"$ {f.command}" if f.command else "", f.output, *f.evidence]).strip()
+    if f.failed:
+        body += f"\nfix: {f.hint}" if f.hint else ""
+    else:
+        body = f"{f.status}: {f.summary}\n{body}".strip()
+    return Row(f.name, f.status, f.summary, tuple(details), failure=f.summary, body=body)
+
+
+def accept_report(report: AcceptReport, facts: Iterable[Fact] | None = None) -> Report:
+    out = Report(
+        f"relay-harness accept {report.url}",
+        f"relay-harness accept {report.url} (OpenSMTPD {report.version or '?'}, {report.config_path})",
+    )
+    out.classname, out.seconds = "relay-harness.accept", report.seconds
+    out.rows = [_fact_row(f) for f in (report.facts if facts is None else facts)]
+    if report.differences is not None:
+        if report.differences:
+            out.extra.append(f"  FAIL  baseline: {len(report.differences)} difference(s)")
+            out.extra.extend(f"        {d}" for d in report.differences)
+        else:
+            out.extra.append("  PASS  baseline: no difference")
+    out.extra.extend(f"  note: {n}" for n in report.notes)
+    counts = {s: sum(f.status == s for f in report.facts) for s in ("pass", "fail", "warn")}
+    out.verdict = (
+        f"{'PASS' if report.ok else 'FAIL'}: {counts['pass']} passed, {counts['fail']} failed, "
+        f"{counts['warn']} warning(s)"
+        + (f", {len(report.differences)} baseline difference(s)" if report.differences else "")
+        + f" in {report.seconds:.2f}s"
+    )
+    return out
+
+
+def accept_text(report: AcceptReport) -> str:
+    return text(accept_report(report))
+
+
+def accept_json(report: AcceptReport) -> dict[str, Any]:
+    return {
+        "url": report.url,
+        "host": report.host,
+        "version": report.version,
+        "config": report.config_path,
+        "ok": report.ok,
+        "relay_way": report.relay_way,
+        "seconds": round(report.seconds, 3),
+        "facts": [
+            {
+                "name": f.name,
+                "status": f.status,
+                "summary": f.summary,
+                "command": f.command,
+                "output": f.output,
+                "evidence": f.evidence,
+                "hint": f.hint,
+            }
+            for f in report.facts
+        ],
+        "baseline_differences": report.differences,
+        "notes": report.notes,
+    }
+
+
+def accept_junit(report: AcceptReport, path: Path) -> None:
+    """One testcase per fact (warnings pass, with their text as output), one for the baseline."""
+    from harness.accept.facts import Fact
+
+    facts = list(report.facts)
+    if report.differences is not None:
+        differs = bool(report.differences)
+        facts.append(
+            Fact(
+                "baseline", "fail" if differs else "pass", "baseline comparison", evidence=report.differences
+            )
+        )
+    junit(accept_report(report, facts), path)

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.bundle import BundleError, TableInput
+from harness.bundle import build_bundle as build_bundle_of
+from harness.errors import HarnessError
 from harness.pki import TestPki
 from harness.redact import Redactor
 from harness.relay import DELIVERY, ConfigRejected, RelayRun, relay_run
@@ -87,7 +90,7 @@ _DELIVERY = {"result", "stat", "rcpt"}
 _MBOX = {"user", "contains"}
 
 
-class ScenarioError(Exception):
+class ScenarioError(HarnessError):
     """A malformed scenario; str() is `FILE:LINE: field: message`."""
 
     def __init__(self, path: str, line: int | None, fieldname: str, message: str) -> None:
@@ -389,53 +392,28 @@ def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str, pki: Tes
         config = parse_config(case.config, "/etc/smtpd.conf")
     except ConfigSyntaxError:
         config = None
-    files = []
-    users: set[str] = set()
-    declared = config.tables if config is not None else {}
+    tables = {}
     for name, content in case.tables.items():
-        table = declared.get(name)
-        if table is None or table.config is None or table.backend not in ("file", "db"):
-            raise ScenarioError(
-                path, case.line, f"tables.{name}", "the config declares no file: or db: table by this name"
-            )
-        secret = name in secret_tables
-        mode, group = (0o640, "_smtpd") if secret else (0o644, "root")
-        raw = content.encode()
-        if table.backend == "db":
-            source = table.config[:-3] if table.config.endswith(".db") else table.config + ".txt"
-            aliases = "alias" in case.config and f"<{name}>" in case.config
-            stale = case.stale_tables.get(name)
-            built_from = stale.encode() if stale is not None else raw
-            files.append(BundleFile(source, built_from, mode, "root", group, secret, table.config, aliases))
-            if stale is not None:  # the admin's edit after makemap: the text changes, the db does not
-                files.append(BundleFile(source, raw, mode, "root", group, secret))
-                users.update(_local_names(stale))
-        else:
-            files.append(BundleFile(table.config, raw, mode, "root", group, secret))
-        if not secret:
-            users.update(_local_names(content))
-    for mbox in [case.expect.get("mbox", {}).get("user")]:
-        if mbox and mbox != "root":
-            users.add(mbox)
+        stale = case.stale_tables.get(name)
+        tables[name] = TableInput(content.encode(), built_from=stale.encode() if stale is not None else None)
+    extra = []
     for ca_path, source in case.ca_files.items():
         if pki is None:
             raise ScenarioError(path, case.line, "ca_files", "needs the harness's PKI to write CA files")
         ca = pki.ca if source == "test" else pki.other_ca
-        files.append(BundleFile(ca_path, ca.cert_pem.bytes()))
-    return Bundle(case.config, tuple(files), tuple(sorted(users)))
-
-
-def _local_names(content: str) -> set[str]:
-    """Right-hand sides of an aliases table that look like local users (they must exist)."""
-    names = set()
-    for raw in content.splitlines():
-        if raw.strip().startswith("#") or ":" not in raw:
-            continue
-        for value in raw.split(":", 1)[1].split(","):
-            v = value.strip()
-            if v and re.fullmatch(r"[a-z_][a-z0-9_-]*", v) and v != "root":
-                names.add(v)
-    return names
+        extra.append(BundleFile(ca_path, ca.cert_pem.bytes()))
+    mbox = case.expect.get("mbox", {}).get("user")
+    try:
+        return build_bundle_of(
+            case.config,
+            config,
+            tables,
+            secret_tables=secret_tables,
+            extra_files=extra,
+            extra_users=[mbox] if mbox else [],
+        )
+    except BundleError as exc:
+        raise ScenarioError(path, case.line, f"tables.{exc.name}", str(exc)) from None
 
 
 def run_case(target: Target, scenario: Scenario, case: Case, pki: TestPki) -> CaseOutcome:

@@ -7,7 +7,6 @@ host, so the machine's own log is never touched). Each broken twin changes one t
 
 from __future__ import annotations
 
-import argparse
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -16,11 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.accept import register
 from harness.accept.facts import AcceptError
-from harness.accept.run import WAY_COPY, AcceptOptions, AcceptReport, run_accept, text_report
+from harness.accept.run import WAY_COPY, AcceptOptions, AcceptReport, run_accept
+from harness.cli import build_parser
+from harness.errors import HarnessError
 from harness.pki import TestPki
-from harness.targets import Bundle, BundleFile, Lab, LabHost, SshTarget, Target
+from harness.report import accept_text as text_report
+from harness.targets.base import Bundle, BundleFile, Target
+from harness.targets.lab import Lab, LabHost
+from harness.targets.smtpd import SmtpdTarget
 
 pytestmark = pytest.mark.lab
 
@@ -70,7 +73,7 @@ def make_real(
     files: tuple[BundleFile, ...] = (),
     log: str = HEALTHY_LOG,
     after: str = "",
-) -> SshTarget:
+) -> SmtpdTarget:
     """Install like an admin would, start smtpd as a daemon, write a mail log; `after` breaks it."""
     target = host.target
     assert target is not None
@@ -121,7 +124,7 @@ def fact(report: AcceptReport, name: str) -> tuple[str, str]:
     return found[0].status, found[0].summary
 
 
-def snapshot(target: SshTarget) -> str:
+def snapshot(target: SmtpdTarget) -> str:
     """Content hash, mode, owner and mtime of every file the host's mail setup is made of."""
     return target.check(
         "find /etc/smtpd.conf /etc/mail /var/log -type f | sort | "
@@ -135,8 +138,7 @@ def test_healthy_host_passes_and_is_left_byte_identical(
 ) -> None:
     target = make_real(lab_host)
     before = snapshot(target)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+    parser = build_parser()
     relay_lab.ssh_config()
     args = parser.parse_args(
         [
@@ -314,15 +316,12 @@ def test_missing_sudo_and_missing_opensmtpd(relay_lab: Lab, lab_host: LabHost) -
 
 
 def test_cli_maps_errors_to_usage_error(tmp_path: Path) -> None:
-    from harness.cli import UsageError
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["accept", "ssh://root@127.0.0.1:1", "--no-relay"])
-    with pytest.raises(UsageError, match="unreachable"):
+    with pytest.raises(HarnessError, match="unreachable"):
         args.func(args)
     bad = tmp_path / "b.json"
     bad.write_text("{}")
     args = parser.parse_args(["accept", "ssh://root@127.0.0.1:1", "--baseline", str(bad)])
-    with pytest.raises(UsageError, match="not a relay-harness baseline"):
+    with pytest.raises(HarnessError, match="not a relay-harness baseline"):
         args.func(args)

@@ -13,13 +13,15 @@ import pytest
 from test_accept import ALIASES, PROVIDER, WRONG, accept, config, fact, make_real, secrets, snapshot
 
 from harness.accept.facts import AcceptError
-from harness.accept.run import WAY_COPY, WAY_SANDBOX, AcceptReport, text_report
-from harness.targets import Lab, LabHost, SshTarget
+from harness.accept.run import WAY_COPY, WAY_SANDBOX, AcceptReport
+from harness.report import accept_text as text_report
+from harness.targets.lab import Lab, LabHost
+from harness.targets.smtpd import SmtpdTarget
 
 pytestmark = pytest.mark.lab
 
 
-def host_state(target: SshTarget) -> str:
+def host_state(target: SmtpdTarget) -> str:
     """What a sandbox could disturb on the host, apart from the files (see `snapshot`).
 
     The host's own processes (those in its network namespace, sshd sessions aside: they come and
@@ -40,7 +42,7 @@ def host_state(target: SshTarget) -> str:
     ).stdout
 
 
-def alive(target: SshTarget) -> None:
+def alive(target: SmtpdTarget) -> None:
     """The host's own smtpd answers on its control socket and on its listener."""
     assert "MDA running" in target.check("smtpctl show status").stdout
     greeting = target.check(
@@ -114,19 +116,19 @@ def leftovers(host: LabHost, dirs: list[str]) -> list[str]:
 @pytest.fixture
 def dirs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The temp dirs of the sandboxes this test's runs start, as the harness names them."""
-    from harness.accept.sandbox import SandboxTarget
+    from harness.targets.sandbox import Sandbox
 
     seen: list[str] = []
-    real_open = SandboxTarget.open
+    real_attach = Sandbox.attach
 
-    def open_and_record(self: SandboxTarget, listen_port: int, upstream_port: int) -> None:
+    def attach_and_record(self: Sandbox, host: str, port: int) -> None:
         try:
-            real_open(self, listen_port, upstream_port)
+            real_attach(self, host, port)
         finally:
             if self.dir is not None:
                 seen.append(self.dir)
 
-    monkeypatch.setattr(SandboxTarget, "open", open_and_record)
+    monkeypatch.setattr(Sandbox, "attach", attach_and_record)
     return seen
 
 
@@ -224,7 +226,7 @@ def test_an_interrupted_run_leaves_nothing_on_the_host(
     interrupt: type[BaseException],
 ) -> None:
     """The run stops mid-probe (after the probe was submitted): the sandbox is still removed."""
-    import harness.check
+    import harness.probes
 
     target = make_real(lab_host)
     files, state = snapshot(target), host_state(target)
@@ -235,7 +237,7 @@ def test_an_interrupted_run_leaves_nothing_on_the_host(
         during.extend(leftovers(lab_host, dirs))
         raise interrupt("interrupted mid-probe")
 
-    monkeypatch.setattr(harness.check, "await_probe", stop_after_submit)
+    monkeypatch.setattr(harness.probes, "await_probe", stop_after_submit)
     with pytest.raises(interrupt, match="interrupted mid-probe"):
         accept(relay_lab, lab_host, relay_mode="sandbox")
     # What `leftovers` looks for was there while the probe ran: its empty answer below means gone.
@@ -251,7 +253,8 @@ def test_probes_are_planned_from_text_never_from_a_binary_db() -> None:
     """A Berkeley DB file read as aliases text yields garbage "keys" with NUL bytes; a probe to
     one made sshd drop the whole connection (`session_exec_req: parse packet: invalid format`)."""
     from harness.accept.facts import FileStat, HostFacts, HostFile, TableFacts
-    from harness.accept.run import _probe_plan
+    from harness.accept.run import _bundle
+    from harness.probes import plan_probes
     from harness.smtpdconf import parse_config
 
     stat = FileStat(0o644, "root", "root", 0, 0)
@@ -260,7 +263,7 @@ def test_probes_are_planned_from_text_never_from_a_binary_db() -> None:
     conf = HostFile("/etc/smtpd.conf", config().encode(), stat)
     facts = HostFacts("h", config_path=conf.path, config=conf, parsed=parse_config(config(), conf.path))
     facts.tables = [TableFacts("aliases", "db", db.path, False, True, db, text)]
-    probes, _ = _probe_plan(facts)
+    probes, _ = plan_probes(_bundle(facts), facts.parsed)
     assert [p.recipient for p in probes] == ["relay-harness-probe@example.com", "root"]
 
 
@@ -282,7 +285,7 @@ def test_a_killed_harness_leaves_nothing_on_the_host(
     files, state = snapshot(target), host_state(target)
     relay_lab.ssh_config()
     stall = (
-        "import sys, threading, harness.check as c, harness.accept.sandbox as s; "
+        "import sys, threading, harness.probes as c, harness.targets.sandbox as s; "
         "c.await_probe = lambda *a, **k: threading.Event().wait(); "
         # A window, on the host, between the sandbox's mounts and the forwarder's start, for
         # the kill to land in (a delay placed on purpose, not a guess at an event).

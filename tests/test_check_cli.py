@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from harness.check import PROBE_TIMEOUT
 from harness.cli import main
+from harness.probes import PROBE_TIMEOUT
 from harness.targets.lab import LabError, check_environment
 
 pytestmark = pytest.mark.lab

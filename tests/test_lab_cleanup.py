@@ -28,8 +28,9 @@ import pytest
 
 from harness.pki import TestPki
 from harness.relay import DELIVERY
-from harness.targets import Bundle, BundleFile, Lab, LabHost, OutgoingMail, SshTarget, clean_stale
-from harness.targets.lab import PREFIX, TMP_PREFIX
+from harness.targets.base import Bundle, BundleFile, OutgoingMail
+from harness.targets.lab import PREFIX, TMP_PREFIX, Lab, LabHost, clean_stale
+from harness.targets.smtpd import SmtpdTarget
 
 pytestmark = pytest.mark.lab
 
@@ -80,7 +81,8 @@ READY_TIMEOUT = 60.0
 CHILD = """
 import sys
 from harness.pki import TestPki
-from harness.targets import Bundle, Lab
+from harness.targets.base import Bundle
+from harness.targets.lab import Lab
 
 lab = Lab(TestPki().ca_pem)
 host = lab.create_host()
@@ -193,7 +195,7 @@ def own_lab_leftovers(pid: int) -> list[str]:
     return left
 
 
-def start_smtpd_and_a_stray(target: SshTarget) -> int:
+def start_smtpd_and_a_stray(target: SmtpdTarget) -> int:
     """smtpd running, plus a process detached from every SSH session (as a careless hook leaves);
     returns the stray's pid (known once forked, whatever it is named by then)."""
     target.install(bundle("cleanup"))

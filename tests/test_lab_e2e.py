@@ -13,7 +13,8 @@ import pytest
 
 from harness.pki import TestPki
 from harness.relay import DELIVERY, ConfigRejected, relay_run
-from harness.targets import Bundle, BundleFile, LabHost, OutgoingMail
+from harness.targets.base import Bundle, BundleFile, OutgoingMail
+from harness.targets.lab import LabHost
 from harness.upstream import Profile, parse_profile
 
 pytestmark = pytest.mark.lab

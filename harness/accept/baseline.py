@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from harness.accept.facts import Fact, HostFacts
+from harness.errors import HarnessError
 from harness.smtpdconf import expectations
 
 FORMAT = 1
 
 
-class BaselineError(Exception):
+class BaselineError(HarnessError):
     """The baseline file cannot be read or is not one of ours (exit 2)."""
 
 

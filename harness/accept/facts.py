@@ -13,12 +13,23 @@ import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
-from harness.check import alias_tables, auth_tables
-from harness.redact import Redactor, secrets_table_credentials
-from harness.smtpdconf import Config, ConfigSyntaxError, Finding, expectations, lint, parse_config
-from harness.targets.ssh import CommandResult
+from harness.errors import HarnessError
+from harness.probes import FAILURES
+from harness.redact import secrets_table_credentials
+from harness.smtpdconf import (
+    Config,
+    ConfigSyntaxError,
+    Finding,
+    alias_tables,
+    auth_tables,
+    db_source,
+    expectations,
+    lint,
+    parse_config,
+)
+from harness.targets.shell import CommandResult, Shell
 from harness.upstream import Profile
 
 Status = Literal["pass", "fail", "warn", "info"]
@@ -28,44 +39,9 @@ LOG_LINES = 5000
 MAX_QUOTED = 5
 SEARCH_PATH = "PATH=$PATH:/usr/sbin:/sbin:/usr/local/sbin"
 
-# The documented failures (OPENSMTPD-FACTS.md), as smtpd logs them, with what to do about each.
-LOG_FAILURES: tuple[tuple[str, str, str], ...] = (
-    (
-        "authentication failed",
-        r"AUTH rejected|535 5\.7\.8|[Aa]uthentication failed|credentials not found",
-        "the provider refused the credentials: check the label's `user:password` in the secrets table",
-    ),
-    (
-        "cannot parse smarthost",
-        r"[Ff]ailed to parse smarthost|Cannot parse smarthost",
-        "the relay URL cannot be used: check scheme, label, host and port",
-    ),
-    (
-        "sender rejected",
-        r"Sender address rejected",
-        'rewrite the sender to a domain the provider accepts: mail-from "@DOMAIN" on the relay action',
-    ),
-    (
-        "certificate check failed",
-        r"SSL certificate check failed|certificate verify failed",
-        "the provider's certificate does not verify for the URL's host name (or the CA bundle changed)",
-    ),
-)
 
-
-class AcceptError(Exception):
+class AcceptError(HarnessError):
     """The harness cannot do its job on this host (unreachable, no sudo, no OpenSMTPD): exit 2."""
-
-
-class Shell(Protocol):
-    """What fact gathering needs from a host: run a command, read a file's bytes."""
-
-    name: str
-    redactor: Redactor
-
-    def run(self, command: str, timeout: float = 60) -> CommandResult: ...
-
-    def read(self, path: str) -> bytes | None: ...
 
 
 @dataclass
@@ -439,9 +415,7 @@ def _read_tables(shell: Shell, facts: HostFacts) -> None:
     secret_names = set(auth_tables(config))
     alias_names = alias_tables(config)
     tables = [t for t in config.tables.values() if t.backend in ("file", "db") and t.config]
-    sources = {
-        t.name: t.config[:-3] for t in tables if t.backend == "db" and t.config and t.config.endswith(".db")
-    }
+    sources = {t.name: db_source(t.config) for t in tables if t.backend == "db" and t.config}
     stats = stat_files(shell, [*(t.config for t in tables if t.config), *sources.values()])
     for table in tables:
         assert table.config is not None
@@ -568,12 +542,12 @@ def _log_fact(shell: Shell, facts: HostFacts, mail_log: str | None) -> Fact:
         return Fact("mail-log", "warn", f"no mail log found at {where}")
     evidence, hints, kinds = [], [], []
     lines = result.stdout.splitlines()
-    for kind, pattern, hint in LOG_FAILURES:
-        hits = [line for line in lines if re.search(pattern, line)]
+    for failure in (f for f in FAILURES if f.documented):
+        hits = [line for line in lines if re.search(failure.pattern, line)]
         if hits:
-            kinds.append(f"{kind} ({len(hits)})")
+            kinds.append(f"{failure.name} ({len(hits)})")
             evidence.extend(hits[-MAX_QUOTED:])
-            hints.append(hint)
+            hints.append(failure.hint)
     command = result.command.partition("&& ")[2] or result.command
     if not kinds:
         return Fact("mail-log", "pass", f"no documented failure in the last {len(lines)} log lines", command)

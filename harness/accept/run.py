@@ -12,170 +12,38 @@ provider, nothing of the host's is written, and the files read are checked uncha
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import re
-import shlex
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
-
-import paramiko
+from typing import Any
 
 from harness.accept import baseline as baselines
 from harness.accept.facts import AcceptError, Fact, HostFacts, gather, preflight, unchanged
-from harness.accept.sandbox import SandboxCapability, SandboxTarget, SandboxUnavailable
+from harness.bundle import TableInput, build_bundle
 from harness.pki import TestPki
+from harness.probes import Probe, ProbeResult, plan_probes, run_probes
 from harness.redact import Redactor, secrets_table_credentials
+from harness.relay import ConfigRejected, relay_run
 from harness.smtpdconf import RelayExpectation, expectations
-from harness.targets.base import Bundle, BundleFile, Target, TargetError
-from harness.targets.ssh import CommandResult, SshTarget
+from harness.targets.base import Bundle, Target, TargetError
+from harness.targets.sandbox import SandboxCapability, probe_capability, sandbox_target
+from harness.targets.select import lab_target
+from harness.targets.shell import Shell, as_root, connect
+from harness.targets.smtpd import EnclosureLimit
 from harness.upstream import Credential, Profile, UpstreamError, load_profile
-
-if TYPE_CHECKING:
-    from harness.check import Probe, ProbeResult
 
 LabFactory = Callable[[TestPki], AbstractContextManager[Target]]
 WAY_COPY = "relay checked in the local lab with the host's files (copied)"
 WAY_SANDBOX = (
     "relay checked in a sandbox on the host (host's smtpd binary, config and tables as they are; "
-    "SSH reverse tunnel to the fake upstream)"
+    "its connections carried over SSH channels to the fake upstream)"
 )
 RELAY_MODES = ("auto", "sandbox", "lab")
-# smtpd -n's words for a listener it cannot set up (an interface or address the sandbox lacks).
-SANDBOX_LIMIT = re.compile(
-    r"invalid virtual ip or interface|bind: Cannot assign requested address|interface .* not found"
-)
 WAY_NONE = "relay not checked"
 # Users and groups a lab host has; other owners of copied files become root there.
 KNOWN_OWNERS = {"root", "_smtpd", "_smtpq", "opensmtpd", "opensmtpq"}
-
-
-# -- connecting ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SshUrl:
-    user: str
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"ssh://{self.user}@{self.host}" + (f":{self.port}" if self.port != 22 else "")
-
-
-def parse_ssh_url(url: str) -> SshUrl:
-    parts = urlsplit(url)
-    try:
-        port = parts.port or 22
-    except ValueError:
-        raise AcceptError(f"{url}: bad port") from None
-    if parts.scheme != "ssh" or not parts.hostname or not parts.username or parts.path not in ("", "/"):
-        raise AcceptError(f"{url}: expected ssh://USER@HOST[:PORT]")
-    return SshUrl(parts.username, parts.hostname, port)
-
-
-def connect(
-    url: str, identity: Path | None = None, known_hosts: Path | None = None, timeout: float = 10
-) -> SshTarget:
-    """An SshTarget on the host, or AcceptError naming the host and the cause."""
-    where = parse_ssh_url(url)
-    client = paramiko.SSHClient()
-    try:
-        client.load_system_host_keys()
-        if known_hosts is not None:
-            client.load_host_keys(str(known_hosts))
-    except OSError as exc:
-        raise AcceptError(f"{known_hosts}: cannot read known hosts: {exc.strerror}") from None
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    if identity is not None and not identity.is_file():
-        raise AcceptError(f"--identity {identity}: no such file")
-    name = f"{where.host}:{where.port}"
-    try:
-        client.connect(
-            where.host,
-            where.port,
-            username=where.user,
-            key_filename=str(identity) if identity else None,
-            timeout=timeout,
-            banner_timeout=timeout,
-            auth_timeout=timeout,
-            allow_agent=identity is None,
-            look_for_keys=identity is None,
-        )
-    except paramiko.BadHostKeyException as exc:
-        raise AcceptError(f"{name}: host key mismatch ({exc.key.get_name()}): refusing to connect") from None
-    except paramiko.AuthenticationException:
-        key = f"key {identity}" if identity else "the agent's and default keys"
-        raise AcceptError(f"{name}: authentication refused for user {where.user} with {key}") from None
-    except paramiko.ssh_exception.NoValidConnectionsError as exc:
-        causes = "; ".join(sorted({getattr(e, "strerror", None) or str(e) for e in exc.errors.values()}))
-        raise AcceptError(f"{name}: unreachable: {causes}") from None
-    except socket.gaierror as exc:
-        raise AcceptError(f"{where.host}: unreachable: cannot resolve the name: {exc.strerror}") from None
-    except TimeoutError:
-        raise AcceptError(f"{name}: unreachable: no answer within {timeout:g}s") from None
-    except paramiko.SSHException as exc:
-        if "not found in known_hosts" in str(exc):
-            raise AcceptError(
-                f"{name}: host key unknown: add it to ~/.ssh/known_hosts (check its fingerprint first) "
-                "or pass --known-hosts FILE"
-            ) from None
-        raise AcceptError(f"{name}: SSH failed: {exc}") from None
-    except OSError as exc:
-        raise AcceptError(f"{name}: unreachable: {exc.strerror or exc}") from None
-    return SshTarget(f"{where.user}@{where.host}", client, upstream_address="")
-
-
-class RemoteShell:
-    """Read-only access to the host: commands (through `sudo -n` when not root) and file bytes."""
-
-    def __init__(self, target: SshTarget) -> None:
-        self.target = target
-        self.name = target.name
-        self.redactor: Redactor = target.redactor
-        self.sudo = False
-        self.sandbox_capability: SandboxCapability | None = None
-
-    def prepare(self) -> None:
-        """Root, or passwordless sudo: anything less cannot read the secrets table (exit 2)."""
-        uid = self.target.run("id -u")
-        if uid.stdout.strip() == "0":
-            return
-        probe = self.target.run("sudo -n true")
-        if probe.returncode != 0:
-            raise AcceptError(
-                f"{self.name}: not root and no passwordless sudo ({probe.output or 'sudo -n true failed'}): "
-                "the harness needs root to read the secrets table"
-            )
-        self.sudo = True
-
-    def _wrap(self, command: str) -> str:
-        return f"sudo -n sh -c {shlex.quote(command)}" if self.sudo else command
-
-    def run(self, command: str, timeout: float = 60) -> CommandResult:
-        result = self.target.run(self._wrap(command), timeout=timeout)
-        shown = f"sudo {command}" if self.sudo else command
-        return CommandResult(shown, result.returncode, result.stdout, result.stderr)
-
-    def read(self, path: str) -> bytes | None:
-        """The file's bytes as they are (not redacted: the caller decides what is secret)."""
-        transport = self.target.client.get_transport()
-        if transport is None or not transport.is_active():
-            raise AcceptError(f"{self.name}: the SSH connection is closed")
-        try:
-            chan = transport.open_session()
-            chan.settimeout(60)
-            chan.exec_command(self._wrap(f"cat -- {shlex.quote(path)}"))
-            chan.shutdown_write()
-            data = chan.makefile("rb").read()
-            chan.makefile_stderr("rb").read()
-            rc = chan.recv_exit_status()
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise AcceptError(f"{self.name}: reading {path} failed: {exc or type(exc).__name__}") from None
-        return bytes(data) if rc == 0 else None
 
 
 # -- the relay, on a copy -----------------------------------------------------------------------
@@ -214,38 +82,24 @@ def _owner(name: str) -> str:
 
 
 def _bundle(facts: HostFacts) -> Bundle:
-    from harness.check import local_users, parse_aliases
-
+    """The host's config and tables as read, with their modes and owners, for a copy in the lab."""
     assert facts.config is not None
-    files: list[BundleFile] = []
-    users: set[str] = set()
+    tables: dict[str, TableInput] = {}
     for t in facts.tables:
-        for f in (t.source, t.file):  # the source first: install order is the file order
-            if f is None:
-                continue
-            st = f.stat
-            files.append(BundleFile(f.path, f.content, st.mode, _owner(st.owner), _owner(st.group), f.secret))
-        text = t.source or t.file
-        if t.aliases and text is not None and (t.backend == "file" or t.source is not None):
-            users.update(local_users(parse_aliases(text.content)))
+        f, source = t.file, t.source
+        if f is None:
+            continue
+        meta = (f.stat.mode, _owner(f.stat.owner), _owner(f.stat.group))
+        if t.backend == "db":
+            smeta = (
+                (source.stat.mode, _owner(source.stat.owner), _owner(source.stat.group)) if source else None
+            )
+            content = source.content if source else b""
+            tables[t.name] = TableInput(content, meta, built=f.content, source_meta=smeta)
+        else:
+            tables[t.name] = TableInput(f.content, meta)
     config = facts.config.content.decode("utf-8", "replace")
-    return Bundle(config, tuple(files), tuple(sorted(users)), facts.config_path)
-
-
-def _probe_plan(facts: HostFacts) -> tuple[list[Probe], list[str]]:
-    """The probes, planned from the tables' text only.
-
-    A db: table's file is binary (Berkeley DB): read as aliases(5) text it yields random "keys"
-    (bytes around a colon), and a probe to such a recipient put NUL bytes into the sendmail
-    command line, which sshd rejects by closing the whole connection. Its source text, when
-    there is one, is planned from instead.
-    """
-    from harness.check import plan_probes
-
-    bundle = _bundle(facts)
-    binary = {t.file.path for t in facts.tables if t.backend == "db" and t.file is not None}
-    text_only = dataclasses.replace(bundle, files=tuple(f for f in bundle.files if f.path not in binary))
-    return plan_probes(text_only, facts.parsed)
+    return build_bundle(config, facts.parsed, tables, config_path=facts.config_path)
 
 
 def relay_probe(
@@ -253,7 +107,7 @@ def relay_probe(
     profile: Profile | None,
     lab_factory: LabFactory,
     mode: str = "lab",
-    shell: RemoteShell | None = None,
+    shell: Shell | None = None,
 ) -> tuple[list[Fact], str, list[str]]:
     """The relay tried for real: in a sandbox on the host, or on a copy in the local lab.
 
@@ -277,27 +131,19 @@ def relay_probe(
         )
         return [fact], WAY_NONE, notes
     if mode != "lab" and shell is not None:
-        why = _sandbox_unavailable(shell)
+        capability = probe_capability(shell.run)
+        why = capability.reason
         if why is None:
             try:
-                sandbox_facts, probe_notes = _sandbox_probe(shell, facts, profile)
+                sandbox_facts, probe_notes = _sandbox_probe(shell, capability, facts, profile)
                 return sandbox_facts, WAY_SANDBOX, notes + probe_notes
-            except SandboxUnavailable as exc:
+            except EnclosureLimit as exc:
                 why = str(exc)
         if mode == "sandbox":
             raise AcceptError(f"{shell.name}: --relay-mode sandbox: the host cannot run the sandbox: {why}")
         notes.append(f"the host cannot run the relay sandbox ({why}): its files were copied to the local lab")
     facts_out, lab_notes = _lab_probe(facts, profile, lab_factory)
     return facts_out, WAY_COPY, notes + lab_notes
-
-
-def _sandbox_unavailable(shell: RemoteShell) -> str | None:
-    """Why the host cannot run the sandbox (None: it can); what was learned is kept on `shell`."""
-    from harness.accept.sandbox import probe_capability
-
-    capability = probe_capability(shell.run)
-    shell.sandbox_capability = capability
-    return capability.reason
 
 
 def _relay_fact(probe: Probe, r: ProbeResult, where: str) -> Fact:
@@ -312,68 +158,49 @@ def _relay_fact(probe: Probe, r: ProbeResult, where: str) -> Fact:
     )
 
 
-def _sandbox_probe(shell: RemoteShell, facts: HostFacts, profile: Profile) -> tuple[list[Fact], list[str]]:
+def _probe_on(
+    target: Target, bundle: Bundle, facts: HostFacts, profile: Profile, pki: TestPki, where: str
+) -> list[Fact]:
+    """The relay probes through `relay_run` on any target; a refused config is a fact, not an error."""
+    redactor = facts_redactor(facts, profile)
+    add = getattr(target, "redactor", None)
+    if isinstance(add, Redactor):
+        add.extend(redactor)
+    probes, _ = plan_probes(_bundle(facts), facts.parsed)
+    try:
+        with relay_run(target, bundle, profile, pki) as run:
+            results = run_probes(run, probes, profile, redactor)
+    except ConfigRejected as refused:
+        return [
+            Fact(
+                "relay",
+                "fail",
+                f"smtpd {where} refused the host's config and tables",
+                f"smtpd -n -f {facts.config_path}",
+                redactor(refused.check.output),
+            )
+        ]
+    return [_relay_fact(p, r, where) for p, r in zip(probes, results, strict=True)]
+
+
+def _sandbox_probe(
+    shell: Shell, capability: SandboxCapability, facts: HostFacts, profile: Profile
+) -> tuple[list[Fact], list[str]]:
     """The host's smtpd, config and tables as they are, in private namespaces on the host.
 
-    SandboxUnavailable (before any probe ran) lets "auto" fall back to the lab; any other
-    failure of the harness is exit 2. The sandbox is ended and looked for afterwards in every
-    case, Ctrl-C included, and what was found is a fact of its own.
+    EnclosureLimit (before any probe ran) lets "auto" fall back to the lab; any other failure
+    of the harness is exit 2. The sandbox is ended and looked for afterwards in every case,
+    Ctrl-C included, and what was found is a fact of its own.
     """
-    from harness.check import run_probe
-    from harness.relay import RelayRun
-    from harness.upstream import UpstreamServer
-
     redactor = facts_redactor(facts, profile)
-    capability = shell.sandbox_capability or SandboxCapability()
-    probes, notes = _probe_plan(facts)
-    pki = TestPki()
-    sandbox = SandboxTarget(shell.target, shell.sudo, facts.smtpd, capability, redactor)
+    _, notes = plan_probes(_bundle(facts), facts.parsed)
+    sbin = facts.smtpd.rpartition("/")[0] or "/usr/sbin"
+    target, sandbox = sandbox_target(shell, sbin, capability, profile.port)
     where = f"in the sandbox on {shell.name}, the host's {facts.config_path} and tables as they are"
-    out: list[Fact] = []
+    in_place = Bundle(None, config_path=facts.config_path)
     try:
-        sandbox.point((profile.host,), sandbox.upstream_address())
-        sandbox.trust(pki.ca_pem)
-        with UpstreamServer(profile, pki, "127.0.0.1", 0) as upstream:
-            try:
-                sandbox.open(profile.port, upstream.port)
-            except TargetError as exc:
-                if isinstance(exc, SandboxUnavailable):
-                    raise
-                raise SandboxUnavailable(redactor(str(exc))) from None
-            check = sandbox.check_config(facts.config_path)
-            if not check.ok and SANDBOX_LIMIT.search(check.output):
-                # A listener on an interface or address the sandbox lacks (it has only the
-                # host's loopback): a limit of the sandbox, not a fault of the host.
-                why = redactor(check.message or check.output)
-                raise SandboxUnavailable(
-                    f"its smtpd cannot listen there as configured ({why}): "
-                    "the sandbox has only a loopback interface"
-                )
-            try:
-                log = sandbox.start(facts.config_path) if check.ok else None
-            except TargetError:
-                limit = next((line for line in sandbox.log.lines if SANDBOX_LIMIT.search(line)), None)
-                if limit is not None:
-                    raise SandboxUnavailable(
-                        f"its smtpd cannot listen there as configured ({limit.strip()}): "
-                        "the sandbox has only a loopback interface"
-                    ) from None
-                raise
-            if log is None:
-                out.append(
-                    Fact(
-                        "relay",
-                        "fail",
-                        "the host's smtpd refused its own config and tables in the sandbox",
-                        f"smtpd -n -f {facts.config_path} ({where})",
-                        redactor(check.output),
-                    )
-                )
-            else:
-                run = RelayRun(sandbox, upstream, log, check)
-                for probe in probes:
-                    out.append(_relay_fact(probe, run_probe(run, probe, profile, redactor), where))
-    except SandboxUnavailable:
+        out = _probe_on(target, in_place, facts, profile, TestPki(), where)
+    except EnclosureLimit:
         raise
     except (TargetError, UpstreamError, EOFError) as exc:
         raise AcceptError(
@@ -381,69 +208,41 @@ def _sandbox_probe(shell: RemoteShell, facts: HostFacts, profile: Profile) -> tu
             f"{redactor(str(exc)) or type(exc).__name__} (pass --relay-mode lab, or --no-relay)"
         ) from None
     finally:
-        sandbox.close()
-    out.append(_sandbox_gone(sandbox))
+        target.close()
+    out.append(_sandbox_gone(sandbox.netns, sandbox.dir, sandbox.leftovers))
     return out, notes
 
 
-def _sandbox_gone(sandbox: SandboxTarget) -> Fact:
-    command = f"ls /proc/*/ns/net | grep {sandbox.netns}; ls -d {sandbox.dir}"
-    if sandbox.leftovers:
+def _sandbox_gone(netns: str | None, directory: str | None, leftovers: list[str]) -> Fact:
+    command = f"ls /proc/*/ns/net | grep {netns}; ls -d {directory}"
+    if leftovers:
         return Fact(
             "sandbox-removed",
             "fail",
             "the sandbox left something on the host",
             command,
-            evidence=list(sandbox.leftovers),
+            evidence=list(leftovers),
             hint="end the listed processes and remove the directory by hand",
         )
     return Fact(
         "sandbox-removed",
         "pass",
-        f"sandbox ended: no process left in its network namespace {sandbox.netns}, {sandbox.dir} removed",
+        f"sandbox ended: no process left in its network namespace {netns}, {directory} removed",
         command,
     )
 
 
 def _lab_probe(facts: HostFacts, profile: Profile, lab_factory: LabFactory) -> tuple[list[Fact], list[str]]:
     """The host's config and tables, copied verbatim into a local lab host, relaying to the fake."""
-    from harness.check import run_probe
-    from harness.relay import ConfigRejected, relay_run
-
-    notes: list[str] = []
     redactor = facts_redactor(facts, profile)
     bundle = _bundle(facts)
+    _, notes = plan_probes(bundle, facts.parsed)
     pki = TestPki()
-    where = f"on {{lab}} with the host's {facts.config_path} and {len(bundle.files)} table file(s), copied"
-    out: list[Fact] = []
     try:
         with lab_factory(pki) as target:
-            lab = target.name
-            add = getattr(target, "redactor", None)
-            if isinstance(add, Redactor):
-                for t in facts.tables:
-                    for f in (t.file, t.source):
-                        if f is not None and f.secret:
-                            for user, password in secrets_table_credentials(f.content):
-                                add.add(user, password)
-                for cred in profile.credentials:
-                    add.add(cred.user, cred.password)
-            probes, probe_notes = _probe_plan(facts)
-            notes.extend(probe_notes)
-            with relay_run(target, bundle, profile, pki) as run:
-                for probe in probes:
-                    r = run_probe(run, probe, profile, redactor)
-                    out.append(_relay_fact(probe, r, where.format(lab=lab)))
-    except ConfigRejected as refused:
-        out.append(
-            Fact(
-                "relay",
-                "fail",
-                "smtpd in the local lab refused the host's config and tables as copied",
-                f"smtpd -n -f {facts.config_path}",
-                redactor(refused.check.output),
-            )
-        )
+            files = f"{len(bundle.files)} table file(s)"
+            where = f"on {target.name} with the host's {facts.config_path} and {files}, copied"
+            out = _probe_on(target, bundle, facts, profile, pki, where)
     except (TargetError, UpstreamError, EOFError) as exc:
         # The harness, not the host, failed: exit 2, with the way out for a machine without a lab.
         raise AcceptError(
@@ -497,8 +296,6 @@ class AcceptReport:
 
 
 def _default_lab(pki: TestPki) -> AbstractContextManager[Target]:
-    from harness.check import lab_target
-
     return lab_target(pki)
 
 
@@ -552,18 +349,22 @@ def _load_profile(path: Path | None) -> Profile | None:
 
 
 @contextlib.contextmanager
-def _connected(options: AcceptOptions) -> Iterator[RemoteShell]:
-    target = connect(options.url, options.identity, options.known_hosts)
+def _connected(options: AcceptOptions) -> Iterator[Shell]:
+    """Root on the host (as logged in or through sudo -n), closed afterwards."""
     try:
-        shell = RemoteShell(target)
-        shell.prepare()
-        yield shell
+        shell = connect(options.url, options.identity, options.known_hosts)
     except TargetError as exc:
         raise AcceptError(str(exc)) from None
+    try:
+        try:
+            root = as_root(shell)
+        except TargetError as exc:
+            raise AcceptError(str(exc)) from None
+        yield root
     except EOFError:
-        raise AcceptError(f"{target.name}: the SSH connection was closed by the host") from None
+        raise AcceptError(f"{shell.name}: the SSH connection was closed by the host") from None
     finally:
-        target.client.close()
+        shell.close()
 
 
 def _redacted(fact: Fact, redact: Redactor) -> Fact:
@@ -576,130 +377,3 @@ def _redacted(fact: Fact, redact: Redactor) -> Fact:
         [redact(e) for e in fact.evidence],
         redact(fact.hint) if fact.hint else None,
     )
-
-
-MAX_OUTPUT_LINES = 8
-
-
-def text_report(report: AcceptReport) -> str:
-    lines = [f"relay-harness accept {report.url} (OpenSMTPD {report.version or '?'}, {report.config_path})"]
-    for f in report.facts:
-        lines.append(f"  {f.status.upper():4}  {f.name}: {f.summary}")
-        if f.command:
-            lines.append(f"        $ {f.command}")
-        output = f.output.splitlines()
-        if f.status != "pass" or len(output) <= 2:
-            shown = output[:MAX_OUTPUT_LINES]
-            lines.extend(f"        | {line}" for line in shown)
-            if len(output) > len(shown):
-                lines.append(f"        | ... ({len(output) - len(shown)} more lines in the JSON report)")
-        lines.extend(f"        evidence: {e}" for e in f.evidence)
-        if f.hint and f.status != "pass":
-            lines.append(f"        fix: {f.hint}")
-    if report.differences is not None:
-        if report.differences:
-            lines.append(f"  FAIL  baseline: {len(report.differences)} difference(s)")
-            lines.extend(f"        {d}" for d in report.differences)
-        else:
-            lines.append("  PASS  baseline: no difference")
-    lines.extend(f"  note: {n}" for n in report.notes)
-    counts = {s: sum(f.status == s for f in report.facts) for s in ("pass", "fail", "warn")}
-    verdict = "PASS" if report.ok else "FAIL"
-    lines.append(
-        f"{verdict}: {counts['pass']} passed, {counts['fail']} failed, {counts['warn']} warning(s)"
-        + (f", {len(report.differences)} baseline difference(s)" if report.differences else "")
-        + f" in {report.seconds:.2f}s"
-    )
-    return "\n".join(lines)
-
-
-def json_report(report: AcceptReport) -> dict[str, Any]:
-    return {
-        "url": report.url,
-        "host": report.host,
-        "version": report.version,
-        "config": report.config_path,
-        "ok": report.ok,
-        "relay_way": report.relay_way,
-        "seconds": round(report.seconds, 3),
-        "facts": [
-            {
-                "name": f.name,
-                "status": f.status,
-                "summary": f.summary,
-                "command": f.command,
-                "output": f.output,
-                "evidence": f.evidence,
-                "hint": f.hint,
-            }
-            for f in report.facts
-        ],
-        "baseline_differences": report.differences,
-        "notes": report.notes,
-    }
-
-
-def write_junit(report: AcceptReport, path: Path) -> None:
-    """One testcase per fact (warnings pass, with their text as output), one for the baseline."""
-    import xml.etree.ElementTree as ET
-
-    suite = ET.Element("testsuite", name=f"relay-harness accept {report.url}")
-    failures = 0
-    cases = list(report.facts)
-    if report.differences is not None:
-        cases.append(
-            Fact(
-                "baseline",
-                "fail" if report.differences else "pass",
-                "baseline comparison",
-                evidence=report.differences,
-            )
-        )
-    for f in cases:
-        case = ET.SubElement(suite, "testcase", classname="relay-harness.accept", name=f.name)
-        body = "\n".join([f"$ {f.command}" if f.command else "", f.output, *f.evidence]).strip()
-        if f.failed:
-            failures += 1
-            failure = ET.SubElement(case, "failure", message=f.summary)
-            failure.text = body + (f"\nfix: {f.hint}" if f.hint else "")
-        else:
-            out = ET.SubElement(case, "system-out")
-            out.text = f"{f.status}: {f.summary}\n{body}".strip()
-    suite.set("tests", str(len(cases)))
-    suite.set("failures", str(failures))
-    suite.set("time", f"{report.seconds:.3f}")
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
-
-
-def cmd_accept(args: Any) -> int:
-    """The `accept` subcommand: exit 0 as before, 1 a finding or difference, 2 cannot check."""
-    import json
-
-    from harness.accept.baseline import BaselineError
-    from harness.cli import UsageError
-
-    options = AcceptOptions(
-        args.url,
-        args.identity,
-        args.known_hosts,
-        args.upstream,
-        args.baseline,
-        args.save_baseline,
-        args.config,
-        args.mail_log,
-        not args.no_relay,
-        args.relay_mode,
-    )
-    try:
-        report = run_accept(options)
-    except (AcceptError, BaselineError) as exc:
-        raise UsageError(str(exc)) from None
-    print(text_report(report), flush=True)
-    try:
-        if args.report_json:
-            args.report_json.write_text(json.dumps(json_report(report), indent=2) + "\n", encoding="utf-8")
-        if args.junit:
-            write_junit(report, args.junit)
-    except OSError as exc:
-        raise UsageError(f"cannot write the report: {exc}") from None
-    return 0 if report.ok else 1

@@ -27,6 +27,15 @@ from harness.smtpdconf.parse import (
     parse_file,
 )
 from harness.smtpdconf.relayurl import SCHEMES, RelayUrl, RelayUrlError, TlsMode, parse_relay_url
+from harness.smtpdconf.tables import (
+    alias_tables,
+    auth_tables,
+    db_source,
+    expand,
+    is_local_user,
+    local_users,
+    parse_aliases,
+)
 
 __all__ = [
     "KEYWORDS",
@@ -52,10 +61,17 @@ __all__ = [
     "Table",
     "TableRef",
     "TlsMode",
+    "alias_tables",
+    "auth_tables",
     "covers",
+    "db_source",
+    "expand",
     "expectations",
+    "is_local_user",
     "lint",
     "lint_text",
+    "local_users",
+    "parse_aliases",
     "parse_config",
     "parse_file",
     "parse_relay_url",

@@ -1,31 +1,7 @@
-"""Where a config runs; every target answers the one interface in `base`."""
+"""Where a config runs; every target answers the one interface in `base`.
 
-from harness.targets.base import (
-    SMTPD_CONF,
-    Bundle,
-    BundleFile,
-    ConfigCheck,
-    LogFollower,
-    OutgoingMail,
-    Target,
-    TargetError,
-)
-from harness.targets.lab import Lab, LabError, LabHost, clean_stale
-from harness.targets.ssh import CommandResult, SshTarget
-
-__all__ = [
-    "SMTPD_CONF",
-    "Bundle",
-    "BundleFile",
-    "CommandResult",
-    "ConfigCheck",
-    "Lab",
-    "LabError",
-    "LabHost",
-    "LogFollower",
-    "OutgoingMail",
-    "SshTarget",
-    "Target",
-    "TargetError",
-    "clean_stale",
-]
+`shell` reaches a host (paramiko, with a sudo or nsenter prefix), `smtpd` drives a real OpenSMTPD
+over any shell, `lab` builds test hosts here, `sandbox` a private smtpd on an existing host, and
+`select` turns a `--target` spec into one of them. Import the submodule you need: importing this
+package loads no SSH or TLS library.
+"""

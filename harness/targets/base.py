@@ -13,12 +13,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from harness.errors import HarnessError
 from harness.waiting import Subscribers
 
 SMTPD_CONF = "/etc/smtpd.conf"
 
 
-class TargetError(Exception):
+class TargetError(HarnessError):
     """The target cannot do what was asked; the message says which target and why."""
 
 
@@ -38,9 +39,13 @@ class BundleFile:
 
 @dataclass(frozen=True)
 class Bundle:
-    """What ships: smtpd.conf verbatim, the files it names, the local users mail goes to."""
+    """What ships: smtpd.conf verbatim, the files it names, the local users mail goes to.
 
-    config: str
+    `config` None: the config already at `config_path` is used as it is (a host's own files,
+    read in place by a sandbox on it).
+    """
+
+    config: str | None
     files: tuple[BundleFile, ...] = ()
     users: tuple[str, ...] = ()
     config_path: str = SMTPD_CONF
@@ -129,6 +134,11 @@ class LogFollower:
     def closed(self) -> bool:
         return self._closed
 
+    def wait_closed(self, timeout: float) -> bool:
+        """Until the stream has ended (the process exited and its output was read)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._closed, timeout)
+
     def mark(self) -> int:
         """A position; `wait_for(..., since=mark)` ignores lines logged before it."""
         with self._cond:
@@ -159,9 +169,10 @@ class LogFollower:
 
 
 class Target(ABC):
-    """Where a config runs. Implementations: SshTarget (lab test hosts, existing hosts), emulated."""
+    """Where a config runs: SmtpdTarget (any real smtpd: lab, existing host, sandbox), emulated."""
 
     name: str
+    notes: tuple[str, ...] = ()  # what a report should say about where and how the config ran
 
     @abstractmethod
     def install(self, bundle: Bundle) -> None:
@@ -201,7 +212,18 @@ class Target(ABC):
 
     @abstractmethod
     def upstream_address(self) -> str:
-        """The address on this machine where an upstream must listen to be reached by the target."""
+        """The address smtpd connects to for the fake upstream (what `point` names it as)."""
+
+    def upstream_listen(self) -> tuple[str, int | None]:
+        """Where the harness's upstream listens (port None: the profile's); by default the same."""
+        return self.upstream_address(), None
+
+    def attach_upstream(self, host: str, port: int) -> None:
+        """Join smtpd's side to the upstream listening at host:port, before smtpd starts.
+
+        Nothing to do where smtpd reaches the upstream directly; a sandbox opens its tunnel here.
+        """
+        return None
 
     @abstractmethod
     def stop(self) -> None:

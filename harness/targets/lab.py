@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from harness.targets.base import TargetError
-from harness.targets.ssh import SshTarget
+from harness.targets.shell import Shell
+from harness.targets.smtpd import SmtpdTarget
 
 PREFIX = "rh"
 LAB_NETWORK = ipaddress.IPv4Network("198.51.100.0/24")
@@ -154,7 +155,7 @@ class LabHost:
         self.dir = lab.dir / f"host{index}"
         self.process: subprocess.Popen[bytes] | None = None
         self.sshd_log: list[str] = []
-        self.target: SshTarget | None = None
+        self.target: SmtpdTarget | None = None
 
     @property
     def address(self) -> str:
@@ -278,11 +279,12 @@ class LabHost:
             raise LabError(f"test host {self.netns} ({self.address}): SSH failed: {exc}") from exc
         return client
 
-    def _connect(self) -> SshTarget:
-        return SshTarget(
-            f"lab:{self.hostname}",
-            self._client(),
-            upstream_address=self.upstream_address,
+    def _connect(self) -> SmtpdTarget:
+        name = f"lab:{self.hostname}"
+        return SmtpdTarget(
+            name,
+            Shell(name, self._client()),
+            self.upstream_address,
             fresh_spool="find /var/spool/smtpd /var/mail -mindepth 1 -delete",
         )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from harness.errors import HarnessError
 from harness.pki import CERT_KINDS
 
 TlsPolicy = Literal["starttls-required", "starttls-optional", "implicit", "none"]
@@ -24,7 +25,7 @@ Drop = Literal["after-ehlo", "after-data"]
 MAX_BANNER_DELAY = 60.0  # a fault must end by itself; longer would stall a CI run
 
 
-class ProfileError(Exception):
+class ProfileError(HarnessError):
     """A profile that cannot be used; str() reads `FILE:LINE: field: message`."""
 
     def __init__(self, source: str, line: int | None, fieldname: str, message: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
+from harness.errors import HarnessError
 from harness.pki import ServerCert, TestPki
 from harness.upstream.policy import Profile
 from harness.upstream.record import AuthAttempt, MessageRecord, Recorder, SessionBuilder
@@ -61,7 +62,7 @@ logging.getLogger("mail.log").addFilter(lambda record: "auth_require_tls == Fals
 warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning, "aiosmtpd")
 
 
-class UpstreamError(Exception):
+class UpstreamError(HarnessError):
     """The upstream cannot do what it was asked (typically: cannot listen where told)."""
 
 

@@ -1,0 +1,104 @@
+"""`--target SPEC` → a target: the one place check, the scenario plugin and accept turn one.
+
+SPEC is `lab` (a test host built here; the default), `ssh://USER@HOST[:PORT]` (a sandbox on an
+existing host: its own smtpd binary, nothing on it modified). Where the host cannot sandbox
+(not Linux, no unshare, or the config needs what the sandbox lacks), the run falls back to the
+lab and says why, naming the host's smtpd version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.pki import TestPki
+from harness.targets.base import Target, TargetError
+
+T = TypeVar("T")
+SPECS = "lab or ssh://USER@HOST[:PORT]"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A parsed --target: its kind and, for ssh, how to reach the host."""
+
+    text: str
+    kind: str  # "lab" or "ssh"
+    identity: Path | None = None
+    known_hosts: Path | None = None
+
+
+def parse_target(text: str, identity: Path | None = None, known_hosts: Path | None = None) -> TargetSpec:
+    if text == "lab":
+        return TargetSpec(text, "lab")
+    if text.startswith("ssh://"):
+        from harness.targets.shell import parse_ssh_url
+
+        parse_ssh_url(text)  # TargetError naming the URL when malformed
+        return TargetSpec(text, "ssh", identity, known_hosts)
+    raise HarnessError(f"--target {text!r}: expected {SPECS}")
+
+
+@contextlib.contextmanager
+def lab_target(pki: TestPki) -> Iterator[Target]:
+    """One fresh lab test host, removed afterwards."""
+    from harness.targets.lab import Lab
+
+    with Lab(pki.ca_pem) as lab:
+        host = lab.create_host()
+        assert host.target is not None
+        yield host.target
+
+
+@contextlib.contextmanager
+def host_sandbox(spec: TargetSpec, service_port: int) -> Iterator[Target]:
+    """The host's own smtpd in a sandbox on it; SandboxUnavailable when the host cannot."""
+    from harness.targets.sandbox import SandboxUnavailable, probe_capability, sandbox_target
+    from harness.targets.shell import as_root, connect
+
+    shell = connect(spec.text, spec.identity, spec.known_hosts)
+    try:
+        root = as_root(shell)
+        smtpd = root.run("PATH=$PATH:/usr/sbin:/sbin:/usr/local/sbin command -v smtpd").stdout.strip()
+        version = root.run(f"{smtpd or 'smtpd'} -h 2>&1 | sed -n 's/^version: //p'").stdout.strip()
+        if not smtpd:
+            raise TargetError(f"{shell.name}: OpenSMTPD is not installed (no smtpd on PATH)")
+        capability = probe_capability(root.run)
+        if capability.reason is not None:
+            raise SandboxUnavailable(f"{shell.name} ({version or 'OpenSMTPD'}): {capability.reason}")
+        target, _ = sandbox_target(root, smtpd.rpartition("/")[0], capability, service_port)
+        target.notes = (f"ran in a sandbox on {shell.name} with the host's {smtpd} ({version or '?'})",)
+        try:
+            yield target
+        finally:
+            target.close()
+    finally:
+        shell.close()
+
+
+def run_on(
+    spec: TargetSpec, pki: TestPki, service_port: int, work: Callable[[Target], T]
+) -> tuple[T, list[str]]:
+    """`work` on the target SPEC names; on an ssh host that cannot sandbox, on the lab instead.
+
+    Returns what `work` returned and notes saying where it ran (and why not where asked).
+    """
+    from harness.targets.smtpd import EnclosureLimit
+
+    if spec.kind == "ssh":
+        try:
+            with host_sandbox(spec, service_port) as target:
+                return work(target), list(target.notes)
+        except EnclosureLimit as exc:
+            why = str(exc)
+        notes = [f"{spec.text}: the sandbox cannot run this ({why}); ran in the local lab instead"]
+    else:
+        notes = []
+    with lab_target(pki) as target:
+        return work(target), notes

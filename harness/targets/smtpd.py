@@ -1,0 +1,294 @@
+"""The one driver of a real OpenSMTPD: the Target interface over any shell.
+
+A lab test host, a staging machine and a sandbox on it differ only in the shell (see `shell`):
+what is done to smtpd (install the bundle, `smtpd -n`, start it in the foreground with its log
+followed, submit, `smtpctl`) is written here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import time
+from collections.abc import Callable, Iterable
+
+import paramiko
+
+from harness.redact import Redactor, secrets_table_credentials
+from harness.targets.base import (
+    SMTPD_CONF,
+    Bundle,
+    BundleFile,
+    ConfigCheck,
+    LogFollower,
+    OutgoingMail,
+    Target,
+    TargetError,
+)
+from harness.targets.shell import CommandResult, Shell
+
+# smtpd is ready for a submission once its listeners are up and the queue process has loaded
+# the (empty) queue into the scheduler; a submission before the latter can get EX_TEMPFAIL (75).
+READY = (r"smtp: will accept at most \d+ clients", r"queue: done loading queue into scheduler")
+READY_TIMEOUT = 15.0
+# Every CA bundle a Linux smtpd may have been built to read; Debian's always, others where present.
+CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
+
+# SMTP submission from inside the target, with the target's own python3 (stdlib smtplib), so the
+# connection comes from the host itself, as a local client's would: `listen on` + `match from local`.
+_SMTP_SUBMIT = """
+import smtplib, sys
+host, port, sender, *rcpts = sys.argv[1:]
+try:
+    with smtplib.SMTP(host, int(port), timeout=30) as smtp:
+        refused = smtp.sendmail(sender, rcpts, sys.stdin.buffer.read())
+except (OSError, smtplib.SMTPException) as exc:
+    sys.exit(f"SMTP to {host}:{port}: {exc}")
+for rcpt, (code, text) in refused.items():
+    print(f"refused {rcpt}: {code} {text.decode()}")
+"""
+
+
+class EnclosureLimit(TargetError):
+    """The enclosure cannot run this (a path it may not write, an interface it lacks): use the lab."""
+
+
+def submission_command(mail: OutgoingMail, sendmail: str = "/usr/sbin/sendmail") -> str:
+    """The shell command that hands `mail` (on stdin) to smtpd: sendmail, or SMTP to a listener."""
+    if any(ch in a for a in (mail.sender, *mail.recipients) for ch in "\0\r\n"):
+        # sshd drops the whole connection on a NUL in a command line: refuse such input here.
+        raise TargetError(f"refusing to submit mail with control characters in an address: {mail.recipients}")
+    rcpts = " ".join(shlex.quote(r) for r in mail.recipients)
+    if mail.via == "smtp":
+        command = (
+            f"python3 -c {shlex.quote(_SMTP_SUBMIT)} {shlex.quote(mail.smtp_address)} {mail.smtp_port} "
+            f"{shlex.quote(mail.sender)} {rcpts}"
+        )
+    elif mail.via == "sendmail":
+        command = f"{sendmail} -f {shlex.quote(mail.sender)} {rcpts}"
+    else:
+        raise TargetError(f"unknown submission {mail.via!r}: sendmail or smtp")
+    if mail.user != "root":
+        command = f"su -s /bin/sh {shlex.quote(mail.user)} -c {shlex.quote(command)}"
+    return command
+
+
+def wait_ready(log: LogFollower, timeout: float) -> None:
+    """Every READY line, in whatever order smtpd's processes log them."""
+    deadline = time.monotonic() + timeout
+    for pattern in READY:
+        log.wait_for(pattern, max(0.0, deadline - time.monotonic()))
+
+
+class SmtpdTarget(Target):
+    """OpenSMTPD on a host reached through `shell`; `sbin` is where its programs are.
+
+    `upstream_address` is where smtpd reaches the fake upstream and where the harness listens
+    for it, unless `enclosure` says otherwise (a sandbox on an existing host: see Enclosure).
+    `fresh_spool` empties the queue and mailboxes before each start (test hosts only: an
+    existing host's spool is never touched; a sandbox has a fresh one of its own).
+    `owns_connection` False leaves the SSH connection open on `close` (its owner goes on using it).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        shell: Shell,
+        upstream_address: str,
+        *,
+        fresh_spool: str | None = None,
+        sbin: str = "/usr/sbin",
+        enclosure: Enclosure | None = None,
+        on_close: Callable[[], None] | None = None,
+        owns_connection: bool = True,
+    ) -> None:
+        self.name = name
+        self.shell = shell
+        self._upstream_address = upstream_address
+        self._fresh_spool = fresh_spool
+        self.smtpd = f"{sbin}/smtpd"
+        self.smtpctl = f"{sbin}/smtpctl"
+        self.makemap_path = f"{sbin}/makemap"
+        self.sendmail = f"{sbin}/sendmail"
+        self.enclosure = enclosure
+        self._on_close = on_close
+        self._owns_connection = owns_connection
+        self._smtpd: paramiko.Channel | None = None
+        self._smtpd_pid: int | None = None
+        self.log = LogFollower()
+
+    @property
+    def redactor(self) -> Redactor:
+        return self.shell.redactor
+
+    def redact(self, text: str) -> str:
+        return self.shell.redactor(text)
+
+    def run(self, command: str, stdin: bytes | None = None, timeout: float = 60) -> CommandResult:
+        return self.shell.run(command, stdin, timeout)
+
+    def check(self, command: str, stdin: bytes | None = None, timeout: float = 60) -> CommandResult:
+        return self.shell.check(command, stdin, timeout)
+
+    def read_file(self, path: str) -> bytes:
+        return self.shell.read(path) or b""
+
+    def write_file(
+        self, path: str, content: bytes, mode: int = 0o644, owner: str = "root", group: str = "root"
+    ) -> None:
+        self.shell.write(path, content, mode, owner, group)
+
+    # -- Target ---------------------------------------------------------------------------------
+    def install(self, bundle: Bundle) -> None:
+        if self.enclosure is not None:
+            paths = [f.path for f in bundle.files] + [f.db for f in bundle.files if f.db]
+            if bundle.config is not None:
+                paths.append(bundle.config_path)
+            outside = [p for p in paths if not self.enclosure.may_write(p)]
+            if outside:
+                raise EnclosureLimit(
+                    f"{self.name}: would write outside its private paths: {', '.join(outside)}"
+                )
+        if bundle.users:
+            names = " ".join(shlex.quote(u) for u in bundle.users)
+            self.check(
+                f'for u in {names}; do id -u "$u" >/dev/null 2>&1 || '
+                f'useradd -M -N -s /usr/sbin/nologin "$u"; done'
+            )
+        if bundle.config is not None:
+            self.write_file(bundle.config_path, bundle.config.encode(), 0o644)
+        for f in bundle.files:
+            self.install_file(f)
+
+    def install_file(self, f: BundleFile) -> None:
+        if f.secret:
+            for user, password in secrets_table_credentials(f.content):
+                self.redactor.add(user, password)
+        self.write_file(f.path, f.content, f.mode, f.owner, f.group)
+        if f.db is not None:
+            self.makemap(f.path, f.db, f.aliases)
+            self.shell.set_owner(f.db, f.mode, f.owner, f.group)
+
+    def makemap(self, source: str, db: str, aliases: bool = False) -> CommandResult:
+        """Build the db from its source, as an admin runs makemap/newaliases after an edit."""
+        kind = "-t aliases " if aliases else ""
+        return self.check(f"{self.makemap_path} {kind}-o {shlex.quote(db)} {shlex.quote(source)}")
+
+    def check_config(self, config_path: str = SMTPD_CONF) -> ConfigCheck:
+        result = self.run(f"{shlex.quote(self.smtpd)} -n -f {shlex.quote(config_path)}")
+        check = ConfigCheck.from_output(result.returncode, result.output, config_path)
+        why = self.enclosure.limit(check.output) if self.enclosure is not None and not check.ok else None
+        if why is not None:
+            raise EnclosureLimit(f"{self.name}: {why}")
+        return check
+
+    def upstream_listen(self) -> tuple[str, int | None]:
+        if self.enclosure is not None:
+            return self.enclosure.listen
+        return self._upstream_address, None
+
+    def attach_upstream(self, host: str, port: int) -> None:
+        if self.enclosure is not None:
+            self.enclosure.attach(host, port)
+
+    def start(self, config_path: str = SMTPD_CONF, trace: str | None = None) -> LogFollower:
+        self.stop()
+        if self._fresh_spool:
+            self.check(self._fresh_spool)
+        flags = f"-T {shlex.quote(trace)} " if trace else ""
+        smtpd = f"exec {shlex.quote(self.smtpd)} -d -v {flags}-f {shlex.quote(config_path)} 2>&1"
+        self.log = LogFollower()
+        self._smtpd = self.shell.stream(f"echo relay-harness-pid $$; {smtpd}", self.log)
+        try:
+            first = self.log.wait_for(r"^relay-harness-pid (\d+)$", READY_TIMEOUT)
+            self._smtpd_pid = int(first.group(1))
+            wait_ready(self.log, READY_TIMEOUT)
+        except TimeoutError as exc:
+            self.stop()
+            for line in self.log.lines if self.enclosure is not None else ():
+                why = self.enclosure.limit(line) if self.enclosure is not None else None
+                if why is not None:
+                    raise EnclosureLimit(f"{self.name}: {why}") from None
+            raise TargetError(f"{self.name}: smtpd did not start:\n{self.redact(str(exc))}") from None
+        return self.log
+
+    def submit(self, mail: OutgoingMail) -> str:
+        result = self.run(submission_command(mail, self.sendmail), stdin=mail.as_bytes())
+        if result.returncode != 0:
+            raise TargetError(f"{self.name}: {mail.via} exited {result.returncode}: {result.output}")
+        return result.output
+
+    def control(self, *args: str) -> str:
+        return self.check(" ".join([shlex.quote(self.smtpctl), *(shlex.quote(a) for a in args)])).output
+
+    def queue(self) -> str:
+        return self.run(f"{shlex.quote(self.smtpctl)} show queue").output
+
+    def mailbox(self, user: str) -> bytes:
+        return self.read_file(f"/var/mail/{user}")
+
+    def point(self, names: Iterable[str], address: str) -> None:
+        entries = "".join(f"{address}\t{name}\n" for name in dict.fromkeys(names))
+        self.check("cat >> /etc/hosts", stdin=entries.encode())
+
+    def trust(self, ca_pem: bytes) -> None:
+        """The test CA in place of every CA bundle smtpd may read (Debian's always), in one command.
+
+        The old file is removed first: a symlink into /usr/share must not be written through.
+        """
+        first = CA_BUNDLES[0]
+        paths = " ".join(CA_BUNDLES)
+        self.check(
+            f'pem=$(cat); for p in {paths}; do if [ "$p" = {first} ] || [ -e "$p" ]; then rm -f "$p"; '
+            'mkdir -p "$(dirname "$p")"; printf \'%s\\n\' "$pem" > "$p"; chmod 644 "$p"; fi; done',
+            stdin=ca_pem,
+        )
+
+    def upstream_address(self) -> str:
+        return self.enclosure.seen_at if self.enclosure is not None else self._upstream_address
+
+    def stop(self) -> None:
+        chan, pid = self._smtpd, self._smtpd_pid
+        self._smtpd = self._smtpd_pid = None
+        if chan is None:
+            return
+        if pid is not None and not chan.exit_status_ready():
+            with contextlib.suppress(TargetError):
+                self.run(f"kill -TERM {pid} 2>/dev/null; true")
+        self.log.wait_closed(10)
+        with contextlib.suppress(OSError, paramiko.SSHException, EOFError):
+            chan.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(TargetError):
+            self.stop()
+        try:
+            if self._on_close is not None:
+                self._on_close()
+        finally:
+            if self._owns_connection:
+                self.shell.close()
+
+
+class Enclosure:
+    """A private place for smtpd inside a host that must not change (a sandbox on a staging host).
+
+    It reaches the fake upstream through a tunnel: `listen` is where the harness's upstream
+    listens (port None: the profile's), `seen_at` the address smtpd connects to, and `attach`
+    opens the place and joins the two once the upstream is up. Only paths `may_write` allows are
+    written (the rest of the host is the host's); `limit` tells a refusal that comes from the
+    enclosure (an interface it lacks) from one that comes from the config.
+    """
+
+    listen: tuple[str, int | None] = ("127.0.0.1", 0)
+    seen_at: str = "127.0.0.1"
+
+    def attach(self, host: str, port: int) -> None:
+        raise NotImplementedError
+
+    def may_write(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def limit(self, text: str) -> str | None:
+        """Why `text` (smtpd's refusal or log) is the enclosure's limit, None when it is not."""
+        return None
