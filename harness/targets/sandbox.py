@@ -397,26 +397,20 @@ def _bridge(chan: paramiko.Channel, upstream: tuple[str, int]) -> None:
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def pump_out() -> None:
-        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                chan.sendall(data)
-        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-            chan.shutdown_write()
-
-    out = threading.Thread(target=pump_out, daemon=True, name="pump-out")
+    out = threading.Thread(
+        target=_copy, args=(sock.recv, chan.sendall, chan.shutdown_write), daemon=True, name="pump-out"
+    )
     out.start()
-    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-        while True:
-            data = chan.recv(65536)
-            if not data:
-                break
-            sock.sendall(data)
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_WR)
+    _copy(chan.recv, sock.sendall, lambda: sock.shutdown(socket.SHUT_WR))
     out.join(timeout=30)
     sock.close()
     chan.close()
+
+
+def _copy(recv: Callable[[int], bytes], send: Callable[[bytes], object], done: Callable[[], object]) -> None:
+    """Bytes from one side to the other until EOF or an error, then half-close the far side."""
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        while data := recv(65536):
+            send(data)
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        done()
