@@ -144,13 +144,54 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 
 def cmd_lab_clean(args: argparse.Namespace) -> int:
     """Remove what a killed run left: namespaces (and their processes) and temp dirs."""
+    from harness.targets.images import clean_stale_images
     from harness.targets.lab import check_environment, clean_stale
 
     check_environment()
-    removed = clean_stale()
+    removed = clean_stale() + [f"image build {path}" for path in clean_stale_images()]
     for item in removed:
         print(f"removed {item}")
     print(f"relay-harness lab clean: {len(removed)} item(s) removed")
+    return EXIT_OK
+
+
+def cmd_lab_image(args: argparse.Namespace) -> int:
+    """Build, list or remove the Debian roots that test hosts of other releases run from."""
+    from harness.targets import images
+
+    if args.image_command == "list":
+        return _image_list(args.release)
+    releases = args.release or [i.release for i in images.list_images()]
+    if args.image_command == "build":
+        if not releases:
+            raise UsageError("lab image build: name a release (e.g. trixie); no image is cached yet")
+        mirror = images.Mirror(args.mirror.rstrip("/")) if args.mirror else None
+        for release in releases:
+            print(images.build_image(release, mirror=mirror).describe())
+        return EXIT_OK
+    for release in releases:
+        if not images.remove_image(release):
+            raise UsageError(f"lab image rm: no image of {release} in {images.cache_dir()}")
+        print(f"removed image {release}")
+    return EXIT_OK
+
+
+def _image_list(only: list[str]) -> int:
+    from harness.targets import images
+
+    cached = [i for i in images.list_images() if not only or i.release in only]
+    own = images.machine_release()
+    print(f"{own or 'this machine'}: the machine's own root (no image)")
+    for image in cached:
+        print(image.describe())
+        if only:
+            for pkg in ("opensmtpd", "openssh-server", "libssl3t64", "libssl3", "libc6"):
+                if pkg in image.packages:
+                    print(f"  {pkg} {image.packages[pkg]}")
+            print(f"  root: {image.root}")
+    missing = [r for r in only if r not in {i.release for i in cached}]
+    if missing:
+        raise UsageError(f"lab image list: no image of {', '.join(missing)} in {images.cache_dir()}")
     return EXIT_OK
 
 
@@ -192,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     clean = lab_sub.add_parser("clean", help="remove test hosts and temp dirs left by killed runs")
     clean.set_defaults(func=cmd_lab_clean)
+    image = lab_sub.add_parser("image", help="Debian roots for test hosts of other releases (lab:RELEASE)")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    build = image_sub.add_parser("build", help="build or rebuild images (default: every cached one)")
+    build.add_argument("release", nargs="*", help="Debian release, e.g. trixie")
+    build.add_argument("--mirror", help="Debian mirror URL (default: the one in apt's sources)")
+    image_list = image_sub.add_parser("list", help="cached images, their smtpd and package versions")
+    image_list.add_argument("release", nargs="*")
+    rm = image_sub.add_parser("rm", help="remove images (default: every cached one)")
+    rm.add_argument("release", nargs="*")
+    for p in (build, image_list, rm):
+        p.set_defaults(func=cmd_lab_image)
 
     _add_accept(sub)
 
