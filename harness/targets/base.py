@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from harness.errors import HarnessError
@@ -94,6 +94,14 @@ class OutgoingMail:
         msg["Subject"] = self.subject
         msg.set_content(self.body)
         return msg.as_bytes()
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One message of a bulk submission: did the submitting program take it, and what it printed."""
+
+    ok: bool
+    output: str
 
 
 class LogFollower:
@@ -189,6 +197,20 @@ class Target(ABC):
     @abstractmethod
     def submit(self, mail: OutgoingMail) -> str:
         """Hand a message to smtpd; returns what the submitting program printed."""
+
+    def submit_many(self, mails: Sequence[OutgoingMail]) -> list[Submission]:
+        """Hand many messages to smtpd in order; one result each, a failure does not stop the rest.
+
+        This default submits one by one; a target where each submission costs a round trip
+        (SSH) does them all in one command.
+        """
+        results = []
+        for mail in mails:
+            try:
+                results.append(Submission(True, self.submit(mail)))
+            except TargetError as exc:
+                results.append(Submission(False, str(exc)))
+        return results
 
     @abstractmethod
     def control(self, *args: str) -> str:
