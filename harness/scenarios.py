@@ -28,6 +28,7 @@ from harness.upstream import Profile, ProfileError, SessionRecord, profile_from_
 DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 60.0
 MAX_MESSAGES = 20  # a case's mail is bounded: scenarios must stop by themselves
+MAX_DEFERRALS = 10  # expect.deferrals: retries the harness triggers, bounded like everything else
 MARKERS = {
     "tls": "TLS mode on the wire (STARTTLS, implicit, plain) and certificate checks",
     "auth": "AUTH to the smarthost: success, failure, credentials",
@@ -83,6 +84,8 @@ _EXPECT = {
     "bounce",
     "submission_refused",
     "upstream_reply",
+    "deferrals",
+    "delivered_once",
     "timeout",
 }
 _AUTH = {"mechanism", "user", "success"}
@@ -382,6 +385,14 @@ def _check_expect(expect: dict[str, Any], loc: _Locator, index: int) -> None:
             "relayed = false needs a log, delivery or submission_refused expectation to wait on",
             index,
         )
+    deferrals = expect.get("deferrals", 0)
+    if not isinstance(deferrals, int) or isinstance(deferrals, bool) or not 0 <= deferrals <= MAX_DEFERRALS:
+        raise loc.error("expect.deferrals", f"must be a whole number from 0 to {MAX_DEFERRALS}", index)
+    if "delivered_once" in expect and not isinstance(expect["delivered_once"], bool):
+        raise loc.error("expect.delivered_once", "must be true or false", index)
+    for key in ("deferrals", "delivered_once"):
+        if key in expect and expect.get("relayed") is not True:
+            raise loc.error(f"expect.{key}", "needs relayed = true (it counts a relayed message)", index)
     if "config_error" in expect and len(set(expect) - {"config_error", "config_error_line"}) > 0:
         raise loc.error("expect.config_error", "a refused config sends nothing: expect nothing else", index)
 
@@ -506,7 +517,11 @@ def _check_run(
         content = run.target.mailbox(user).decode("utf-8", "replace")
         if box.get("contains", "") not in content or not content:
             fail(f"{user}'s mailbox to contain {box.get('contains', 'mail')!r}")
+    if "deferrals" in expect:
+        _retry_deferred(run, expect["deferrals"], timeout, mark, fail)
     session = _check_relayed(run, case, expect, timeout, fail)
+    if expect.get("delivered_once"):
+        _check_delivered_once(run, case, expect, fail)
     _check_session(run, session, expect, fail)
     for pattern in expect.get("log_absent", []):
         hits = run.log.matching(pattern, since=mark)
@@ -539,6 +554,51 @@ def _check_delivery(run: RelayRun, delivery: dict[str, Any], timeout: float, mar
         fail(f"delivery result {delivery['result']}, got {m.group('result')} ({m.group('stat')})")
     if "stat" in delivery and not re.search(delivery["stat"], m.group("stat")):
         fail(f"delivery stat matching {delivery['stat']!r}, got {m.group('stat')!r}")
+
+
+def _retry_deferred(run: RelayRun, wanted: int, timeout: float, mark: int, fail: Any) -> None:
+    """Count smtpd's TempFails until the Ok, triggering each retry at once (`smtpctl schedule all`).
+
+    smtpd would retry by itself minutes later; the case is about how often the provider defers,
+    not about smtpd's back-off. Stops at the first Ok, or once one more deferral than expected
+    is seen.
+    """
+    seen = 0
+    while True:
+        try:
+            m = run.log.wait_for(DELIVERY, timeout, since=mark)
+        except TimeoutError:
+            fail(f"a delivery attempt within {timeout:g}s after {seen} deferral(s)")
+            return
+        result = m.group("result")
+        if result != "TempFail":
+            if result != "Ok":
+                fail(f"delivery after {wanted} deferral(s), got {result} ({m.group('stat')})")
+            elif seen != wanted:
+                fail(f"{wanted} deferral(s) before delivery, smtpd deferred it {seen} time(s)")
+            return
+        seen += 1
+        if seen > wanted:
+            fail(f"{wanted} deferral(s) before delivery, smtpd deferred it more often ({m.group('stat')})")
+            return
+        mark = run.log.mark()  # before the retry: its attempt is logged after this
+        run.target.control("schedule", "all")
+
+
+def _check_delivered_once(run: RelayRun, case: Case, expect: dict[str, Any], fail: Any) -> None:
+    """Each recipient accepted exactly once, and nothing left in smtpd's queue to come again.
+
+    The queue is read first: the upstream records a message before its 250 leaves, and smtpd
+    drops the envelope only after that 250, so every delivery that emptied the queue is counted.
+    """
+    wanted = set(expect.get("rcpt_to", [])) or {r for m in case.mails for r in m.recipients if "@" in r}
+    queue = run.target.queue()
+    accepted = [r for _, m in run.upstream.recorder.messages() if m.accepted for r in m.rcpt_to]
+    counts = {r: accepted.count(r) for r in sorted(wanted)}
+    if any(n != 1 for n in counts.values()):
+        fail(f"each recipient accepted exactly once by the upstream, counts: {counts}")
+    if any(r in queue for r in wanted):
+        fail(f"nothing left queued for {sorted(wanted)}; smtpctl show queue: {queue.strip()}")
 
 
 def _check_relayed(
@@ -612,7 +672,8 @@ Format (see `harness/scenarios.py`): top-level `config` (inline) or `config_file
 with overrides (`config_replace`, `upstream`, `tables`, `stale_tables`), `send` (sendmail or smtp), and
 `[case.expect]`: `relayed`, `tls`, `auth`, `auth_attempted`, `mail_from`, `rcpt_to`, `log`,
 `log_absent`, `delivery`, `queue`, `mbox`, `bounce`, `submission_refused`, `upstream_reply`, `config_error`,
-`config_error_line`.
+`config_error_line`, `deferrals` (smtpd's TempFails before delivery, each retried at once with
+`smtpctl schedule all`), `delivered_once`.
 
 This index is generated: `relay-harness scenarios scenarios/ > scenarios/README.md`.
 """

@@ -84,6 +84,20 @@ def test_empty_profile_is_the_default_provider() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "times", "seconds"),
+    [
+        ('[faults]\ntempfail = "rcpt"\ntimes = 2\n', 2, None),
+        ('[faults]\ndrop = "after-data"\nfor_seconds = 20\n', None, 20.0),
+        ('[faults]\ntempfail = "data"\ndrop = "after-ehlo"\nfor_seconds = 0.5\n', None, 0.5),
+        ('[faults]\ntempfail = "rcpt"\n', None, None),
+    ],
+)
+def test_faults_that_heal_parse(text: str, times: int | None, seconds: float | None) -> None:
+    faults = parse_profile(text).faults
+    assert (faults.times, faults.for_seconds) == (times, seconds)
+
+
+@pytest.mark.parametrize(
     ("domains", "sender", "allowed"),
     [
         ((), "anyone@anywhere.test", True),
@@ -144,6 +158,15 @@ ERRORS = [
     ("[faults]\nslow = true\n", "faults.slow", 2, "unknown field"),
     ('tls = "none"\nfaults = { tempfail = "never" }\n', "faults.tempfail", 2, "is not one of"),
     ('tls = "none"\nfaults.tempfail = "never"\n', "faults.tempfail", 2, "is not one of"),
+    ('[faults]\ntempfail = "rcpt"\ntimes = 0\n', "faults.times", 3, "between 1 and 100000"),
+    ('[faults]\ntempfail = "rcpt"\ntimes = 2.5\n', "faults.times", 3, "whole number of times"),
+    ('[faults]\ntempfail = "rcpt"\ntimes = true\n', "faults.times", 3, "whole number of times"),
+    ('[faults]\ndrop = "after-data"\nfor_seconds = 0\n', "faults.for_seconds", 3, "more than 0"),
+    ('[faults]\ndrop = "after-data"\nfor_seconds = 7200\n', "faults.for_seconds", 3, "at most 3600"),
+    ('[faults]\ndrop = "after-data"\nfor_seconds = "20s"\n', "faults.for_seconds", 3, "number of seconds"),
+    ('[faults]\ntempfail = "rcpt"\ntimes = 2\nfor_seconds = 5\n', "faults.for_seconds", 4, "not both"),
+    ('[faults]\ncert = "good"\ntimes = 2\n', "faults.times", 3, "neither is set"),
+    ("\n[faults]\nfor_seconds = 20\n", "faults.for_seconds", 3, "neither is set"),
     ('host = "a"\nport = 587\nport = 588\n', "toml", 3, ""),
     ('host = "a\n', "toml", 1, ""),
 ]

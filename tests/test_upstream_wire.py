@@ -34,7 +34,7 @@ from upstream_helpers import (
 
 from harness.pki import TestPki
 from harness.upstream import SessionRecord, UpstreamServer
-from harness.upstream.server import TEMPFAIL
+from harness.upstream.server import TEMPFAIL, FaultBudget
 
 # aiosmtpd warns whenever AUTH is offered without STARTTLS, which is deliberate for implicit TLS and
 # tls = "none"; server.py filters it at import, but pytest resets warning filters after collection.
@@ -400,6 +400,79 @@ def test_drop_after_data(pki: TestPki, drop: str | None) -> None:
     if drop:
         assert msg.reply == "(connection dropped by fault after DATA)"
         assert record.replies[-1] == "354 End data with <CR><LF>.<CR><LF>"  # nothing sent after DATA
+
+
+# --- faults that heal ----------------------------------------------------------------------------
+
+
+def _wait_sessions(server: UpstreamServer, count: int) -> tuple[SessionRecord, ...]:
+    server.recorder.wait_for(lambda _: sum(s.closed for s in server.recorder.sessions) >= count, TIMEOUT)
+    return tuple(sorted(server.recorder.sessions, key=lambda s: s.id))
+
+
+def test_tempfail_times_fires_that_often_then_heals(pki: TestPki) -> None:
+    with serve(pki, profile(tls="none", auth="none", tempfail="rcpt", times=2)) as server:
+        with connect(server) as smtp:
+            smtp.ehlo()
+            codes = []
+            for _ in range(4):  # one session, four transactions: two refused, then healed
+                smtp.mail(SENDER)
+                codes.append(smtp.rcpt(RCPT)[0])
+                smtp.rset()
+        (record,) = _wait_sessions(server, 1)
+    assert codes == [451, 451, 250, 250]
+    assert record.replies.count(TEMPFAIL["rcpt"]) == 2
+    assert server.budget.fired["tempfail"] == 2
+
+
+def test_tempfail_twin_without_a_bound_never_heals(pki: TestPki) -> None:
+    with serve(pki, profile(tls="none", auth="none", tempfail="rcpt")) as server, connect(server) as smtp:
+        smtp.ehlo()
+        codes = []
+        for _ in range(4):
+            smtp.mail(SENDER)
+            codes.append(smtp.rcpt(RCPT)[0])
+            smtp.rset()
+    assert codes == [451] * 4
+
+
+def test_drop_times_counts_across_connections(pki: TestPki) -> None:
+    with serve(pki, profile(tls="none", auth="none", drop="after-data", times=1)) as server:
+        with connect(server) as smtp, pytest.raises(smtplib.SMTPServerDisconnected):
+            _send(smtp)
+        with connect(server) as smtp:
+            assert _send(smtp) == {}
+        first, second = _wait_sessions(server, 2)
+    assert [m.accepted for m in first.messages] == [False]
+    assert [m.accepted for m in second.messages] == [True]
+
+
+def test_tempfail_connect_times_heals_on_the_next_connection(pki: TestPki) -> None:
+    with serve(pki, profile(tls="none", auth="none", tempfail="connect", times=1)) as server:
+        with pytest.raises(smtplib.SMTPConnectError) as err:
+            connect(server)
+        assert err.value.smtp_code == 421
+        with connect(server) as smtp:
+            assert _send(smtp) == {}
+        first, second = _wait_sessions(server, 2)
+    assert first.replies == (TEMPFAIL["connect"],)
+    assert [m.accepted for m in second.messages] == [True]
+
+
+def test_for_seconds_window_opens_at_the_first_connection() -> None:
+    """A clock under the test's control: the window is measured, not slept through."""
+    now = [100.0]
+    budget = FaultBudget(profile(tempfail="rcpt", for_seconds=20).faults, clock=lambda: now[0])
+    now[0] = 500.0  # long after the upstream started: the window has not opened yet
+    budget.connected()
+    assert budget.tempfail("rcpt") and budget.tempfail("rcpt")
+    assert not budget.tempfail("mail")  # not the fault's stage: not counted
+    now[0] = 519.9
+    assert budget.tempfail("rcpt")
+    budget.connected()  # later connections do not move the window
+    now[0] = 520.0
+    assert not budget.tempfail("rcpt")
+    assert budget.fired == {"tempfail": 3, "drop": 0}
 
 
 @pytest.mark.parametrize("refused", [False, True])

@@ -23,6 +23,8 @@ Stage = Literal["connect", "ehlo", "auth", "mail", "rcpt", "data"]
 Drop = Literal["after-ehlo", "after-data"]
 
 MAX_BANNER_DELAY = 60.0  # a fault must end by itself; longer would stall a CI run
+MAX_TIMES = 100_000  # `times`: how often a tempfail or drop fires before the provider heals
+MAX_FOR_SECONDS = 3600.0  # `for_seconds`: how long it fires, from the first connection
 
 
 class ProfileError(HarnessError):
@@ -42,7 +44,12 @@ class Credential:
 
 @dataclass(frozen=True)
 class Faults:
-    """Misbehaviour on request; every one is bounded (a delay has a ceiling, a drop is final)."""
+    """Misbehaviour on request; every one is bounded (a delay has a ceiling, a drop is final).
+
+    `tempfail` and `drop` fire on every chance unless healed: with `times`, each fires that many
+    times over the upstream's life and never again; with `for_seconds`, only in that window from
+    the first connection. That is a provider that fails and then recovers.
+    """
 
     tempfail: Stage | None = None
     drop: Drop | None = None
@@ -50,6 +57,8 @@ class Faults:
     auth_advertised: bool = True
     banner_delay: float = 0.0
     cert: str = "good"
+    times: int | None = None
+    for_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,16 @@ class _Reader:
     """Turns the TOML dict into a Profile, naming the line of the first bad field it meets."""
 
     _TOP = {"host", "port", "tls", "auth", "protocol", "sender_domains", "credentials", "faults"}
-    _FAULTS = {"tempfail", "drop", "starttls_refused", "auth_advertised", "banner_delay", "cert"}
+    _FAULTS = {
+        "tempfail",
+        "drop",
+        "starttls_refused",
+        "auth_advertised",
+        "banner_delay",
+        "cert",
+        "times",
+        "for_seconds",
+    }
 
     def __init__(self, text: str, source: str) -> None:
         self.lines = text.splitlines()
@@ -203,14 +221,37 @@ class _Reader:
             raise self.error("faults.banner_delay", "must be a number of seconds")
         if not 0 <= delay <= MAX_BANNER_DELAY:
             raise self.error("faults.banner_delay", f"must be between 0 and {MAX_BANNER_DELAY:g}")
+        tempfail = self._choice(raw, "tempfail", get_args(Stage), None, "faults.")
+        drop = self._choice(raw, "drop", get_args(Drop), None, "faults.")
+        times, for_seconds = self._heal(raw, tempfail is not None or drop is not None)
         return Faults(
-            tempfail=self._choice(raw, "tempfail", get_args(Stage), None, "faults."),
-            drop=self._choice(raw, "drop", get_args(Drop), None, "faults."),
+            tempfail=tempfail,
+            drop=drop,
             starttls_refused=self._typed(raw, "starttls_refused", bool, False, "faults."),
             auth_advertised=self._typed(raw, "auth_advertised", bool, True, "faults."),
             banner_delay=float(delay),
             cert=self._choice(raw, "cert", CERT_KINDS, "good", "faults."),
+            times=times,
+            for_seconds=for_seconds,
         )
+
+    def _heal(self, raw: dict[str, Any], healable: bool) -> tuple[int | None, float | None]:
+        """`times` or `for_seconds`: when tempfail and drop stop firing (at most one of them)."""
+        times, seconds = raw.get("times"), raw.get("for_seconds")
+        if times is not None and seconds is not None:
+            raise self.error("faults.for_seconds", "give times or for_seconds, not both")
+        name = "faults.times" if times is not None else "faults.for_seconds"
+        if (times is not None or seconds is not None) and not healable:
+            raise self.error(name, "bounds tempfail and drop, and neither is set")
+        if times is not None and (not isinstance(times, int) or isinstance(times, bool)):
+            raise self.error(name, f"must be a whole number of times, not {times!r}")
+        if times is not None and not 1 <= times <= MAX_TIMES:
+            raise self.error(name, f"must be between 1 and {MAX_TIMES}")
+        if seconds is not None and (not isinstance(seconds, int | float) or isinstance(seconds, bool)):
+            raise self.error(name, f"must be a number of seconds, not {seconds!r}")
+        if seconds is not None and not 0 < seconds <= MAX_FOR_SECONDS:
+            raise self.error(name, f"must be more than 0 and at most {MAX_FOR_SECONDS:g} seconds")
+        return times, None if seconds is None else float(seconds)
 
     def _unknown(self, data: dict[str, Any], known: set[str], prefix: str) -> None:
         for key in data:

@@ -19,7 +19,7 @@ import time
 import warnings
 import weakref
 from asyncio import sslproto
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,7 +28,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TL
 
 from harness.errors import HarnessError
 from harness.pki import ServerCert, TestPki
-from harness.upstream.policy import Profile
+from harness.upstream.policy import Faults, Profile
 from harness.upstream.record import AuthAttempt, MessageRecord, Recorder, SessionBuilder
 
 TEMPFAIL = {
@@ -66,11 +66,48 @@ class UpstreamError(HarnessError):
     """The upstream cannot do what it was asked (typically: cannot listen where told)."""
 
 
+class FaultBudget:
+    """Whether a bounded fault fires now: shared by every connection of one upstream (one thread).
+
+    `times`: each of tempfail and drop fires that many times, then the provider is healthy.
+    `for_seconds`: they fire until that long after the first connection. Neither: always.
+    """
+
+    def __init__(self, faults: Faults, clock: Callable[[], float] = time.monotonic) -> None:
+        self.faults = faults
+        self.fired = {"tempfail": 0, "drop": 0}
+        self._clock = clock
+        self._first_connection: float | None = None
+
+    def connected(self) -> None:
+        if self._first_connection is None:
+            self._first_connection = self._clock()
+
+    def fires(self, kind: str) -> bool:
+        """Call only when the fault applies here (its stage): a firing is counted."""
+        f = self.faults
+        if f.times is not None and self.fired[kind] >= f.times:
+            return False
+        now = self._clock()
+        since = now - (now if self._first_connection is None else self._first_connection)
+        if f.for_seconds is not None and since >= f.for_seconds:
+            return False
+        self.fired[kind] += 1
+        return True
+
+    def tempfail(self, stage: str) -> bool:
+        return self.faults.tempfail == stage and self.fires("tempfail")
+
+    def drop(self, when: str) -> bool:
+        return self.faults.drop == when and self.fires("drop")
+
+
 class _Recording:
     """Mixin over aiosmtpd's SMTP/LMTP: one SessionBuilder per TCP connection, faults below hooks."""
 
     profile: Profile
     recorder: Recorder
+    budget: FaultBudget
     listener: str
     implicit_tls: bool
     implicit_context: ssl.SSLContext | None
@@ -79,9 +116,14 @@ class _Recording:
     session: Session | None
 
     def _init_recording(
-        self, profile: Profile, recorder: Recorder, listener: str, implicit: ssl.SSLContext | None
+        self,
+        profile: Profile,
+        recorder: Recorder,
+        budget: FaultBudget,
+        listener: str,
+        implicit: ssl.SSLContext | None,
     ) -> None:
-        self.profile, self.recorder, self.listener = profile, recorder, listener
+        self.profile, self.recorder, self.budget, self.listener = profile, recorder, budget, listener
         self.implicit_tls = implicit is not None
         self.implicit_context = implicit
         self.builder: SessionBuilder | None = None
@@ -94,6 +136,7 @@ class _Recording:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.builder is None:
+            self.budget.connected()
             peer = transport.get_extra_info("peername")
             self.builder = SessionBuilder(
                 id=next(_session_ids),
@@ -202,7 +245,7 @@ class _Recording:
         faults = self.profile.faults
         if faults.banner_delay:
             await asyncio.sleep(faults.banner_delay)  # the fault itself: a slow provider
-        if faults.tempfail == "connect":
+        if self.budget.tempfail("connect"):
             await self.push(TEMPFAIL["connect"])
             self.transport.close()
             return
@@ -221,7 +264,7 @@ class _Recording:
             raise
 
     async def after_greeting(self) -> None:
-        if self.profile.faults.drop == "after-ehlo":
+        if self.budget.drop("after-ehlo"):
             self.transport.close()
 
     def start_message(self, mail_from: str) -> None:
@@ -267,8 +310,9 @@ class RecordingLMTP(_Recording, LMTP):
 class ProviderHandler:
     """aiosmtpd hooks that apply the profile's policy, in the provider's own words."""
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, budget: FaultBudget) -> None:
         self.profile = profile
+        self.budget = budget
         self._queue_ids = itertools.count(1)
 
     async def handle_EHLO(
@@ -281,7 +325,7 @@ class ProviderHandler:
     ) -> list[str]:
         if server.builder is not None:
             server.builder.ehlo = hostname
-        if self.profile.faults.tempfail == "ehlo":
+        if self.budget.tempfail("ehlo"):
             return [TEMPFAIL["ehlo"]]  # and no host_name: MAIL stays refused (503) as after no EHLO
         session.host_name = hostname
         if self.profile.auth == "none" or not self.profile.faults.auth_advertised:
@@ -297,7 +341,7 @@ class ProviderHandler:
         options: list[str],
     ) -> str:
         server.start_message(address)
-        if self.profile.faults.tempfail == "mail":
+        if self.budget.tempfail("mail"):
             server.pending_reply(TEMPFAIL["mail"])
             return TEMPFAIL["mail"]
         envelope.mail_from = address
@@ -316,7 +360,7 @@ class ProviderHandler:
         reply = "250 2.1.5 Ok"
         if not self.profile.sender_allowed(envelope.mail_from or ""):
             reply = SENDER_REJECTED.format(envelope.mail_from)
-        elif self.profile.faults.tempfail == "rcpt":
+        elif self.budget.tempfail("rcpt"):
             reply = TEMPFAIL["rcpt"]
         if pending is not None:
             pending["rcpt" if reply.startswith("2") else "rejected"].append(address)
@@ -329,11 +373,11 @@ class ProviderHandler:
     async def handle_DATA(self, server: _Recording, session: Session, envelope: Envelope) -> str:
         body = envelope.original_content or envelope.content or b""
         assert isinstance(body, bytes)
-        if self.profile.faults.drop == "after-data":
+        if self.budget.drop("after-data"):
             server.finish_message((body, "(connection dropped by fault after DATA)"))
             server.transport.abort()
             return "451 4.3.0 unreachable: the connection is already gone"
-        if self.profile.faults.tempfail == "data":
+        if self.budget.tempfail("data"):
             reply = TEMPFAIL["data"]
         else:
             reply = f"250 2.0.0 Ok: queued as RH{next(self._queue_ids):06d}"
@@ -361,7 +405,7 @@ class ProviderHandler:
         if isinstance(data, LoginPassword):
             user = data.login.decode("utf-8", "replace")
             password = data.password.decode("utf-8", "replace")
-        if self.profile.faults.tempfail == "auth":
+        if self.budget.tempfail("auth"):
             ok, message = False, TEMPFAIL["auth"]
         else:
             ok, message = self.profile.check_password(user, password), None
@@ -393,6 +437,7 @@ class UpstreamServer:
         self.host = host
         self.port = profile.port if port is None else port
         self.recorder = recorder or Recorder()
+        self.budget = FaultBudget(profile.faults)
         self.cert: ServerCert = pki.server_cert(profile.host, profile.faults.cert)
         self._tls_context = self.cert.server_context()  # built once: loading a chain costs ~1 ms
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -406,7 +451,7 @@ class UpstreamServer:
 
     def _factory(self) -> SMTP:
         profile = self.profile
-        handler = ProviderHandler(profile)
+        handler = ProviderHandler(profile, self.budget)
         tls_context = self._tls_context if profile.tls.startswith("starttls") else None
         cls = RecordingLMTP if profile.protocol == "lmtp" else RecordingSMTP
         smtp = cls(
@@ -422,7 +467,7 @@ class UpstreamServer:
             loop=self._loop,
         )
         implicit = self._tls_context if profile.tls == "implicit" else None
-        smtp._init_recording(profile, self.recorder, f"{self.host}:{self.port}", implicit)
+        smtp._init_recording(profile, self.recorder, self.budget, f"{self.host}:{self.port}", implicit)
         self._protocols.add(smtp)
         return smtp
 
