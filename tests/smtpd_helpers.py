@@ -29,3 +29,30 @@ def smtpd_check(tmp_path: Path, text: str) -> tuple[int, list[str]]:
     )
     output = (proc.stdout + proc.stderr).replace(str(conf), "smtpd.conf")
     return proc.returncode, output.splitlines()
+
+
+def smtpd_n(text: str, tmp_path: Path, root: Path | None = None) -> tuple[int, str]:
+    """`smtpd -n` of text: this machine's smtpd, or the one in the Debian root `root`.
+
+    In a root (an image), smtpd runs chrooted with tmp_path bind-mounted on its /tmp inside a
+    mount namespace of its own: the shared image is never written.
+    """
+    (tmp_path / "smtpd.conf").write_text(text)
+    if root is None:
+        cmd = [SMTPD, "-n", "-f", str(tmp_path / "smtpd.conf")]
+    else:
+        script = 'mount --bind "$1" "$2/tmp" && exec chroot "$2" /usr/sbin/smtpd -n -f /tmp/smtpd.conf'
+        cmd = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(tmp_path),
+            str(root),
+        ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    return proc.returncode, proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-r"""smtpd.conf (OpenSMTPD 6.4+ grammar, as in 6.8) as frozen data with line numbers.
+r"""smtpd.conf (OpenSMTPD 6.4+ grammar, as in 6.8, or as in 7.6) as frozen data with line numbers.
 
 Every item carries the line smtpd would report for it, so a finding about the
 model can be compared with what `smtpd -n` prints (`FILE:LINE: message`).
@@ -7,16 +7,34 @@ quoting), because where a token ends and which line it is on are exactly what
 the comparison depends on.  The grammar is followed less strictly: a statement
 the model does not describe is kept raw rather than rejected, and grammar from
 before 6.4 is kept raw and marked so the linter can name it.
+
+Two grammars: 6.8's (Debian 12) and 7.6's (Debian 13), which adds `ciphers` and `protocols` to
+relay actions and listeners, and lets `{ }` lists break lines after `{` and `,`. A config is
+judged by the grammar of the smtpd it will meet, so the same text can be fine for one release
+and a syntax error for the other, exactly where that smtpd says so.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal as TypingLiteral
 
 RawKind = TypingLiteral["pre-6.4", "unknown", "other"]
+
+GRAMMARS = ("6.8", "7.6")
+DEFAULT_GRAMMAR = "6.8"
+
+
+def grammar_for(smtpd_version: str) -> str:
+    """The grammar of an smtpd from its `smtpd -h` version (`OpenSMTPD 7.6.0-portable`, `7.6.0p1`)."""
+    m = re.search(r"(\d+)\.(\d+)", smtpd_version)
+    if not m:
+        return DEFAULT_GRAMMAR
+    return "7.6" if (int(m.group(1)), int(m.group(2))) >= (7, 0) else "6.8"
+
 
 LOCAL_METHODS: frozenset[str] = frozenset({"mbox", "maildir", "lmtp", "mda", "forward-only", "expand-only"})
 
@@ -502,10 +520,20 @@ class _Lexer:
 class _Cursor:
     """Walks one statement's tokens; the last token is always its newline."""
 
-    def __init__(self, tokens: list[Token], path: str) -> None:
+    def __init__(self, tokens: list[Token], path: str, grammar: str = DEFAULT_GRAMMAR) -> None:
         self._tokens = tokens
         self._index = 0
         self.path = path
+        self.grammar = grammar
+
+    @property
+    def since_7(self) -> bool:
+        return self.grammar != "6.8"
+
+    def newlines(self) -> None:
+        """7.x's `optnl`: newlines skipped where its grammar allows them."""
+        while self.peek().kind == "newline" and not self.at_end():
+            self.next()
 
     def peek(self, ahead: int = 0) -> Token:
         return self._tokens[min(self._index + ahead, len(self._tokens) - 1)]
@@ -560,15 +588,18 @@ class _Cursor:
 
 
 def _value_list(cur: _Cursor) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """`{ a, b }` or `{ k = v, k => v }`; after `{` and before `}` no newline is allowed.
+    """`{ a, b }` or `{ k = v, k => v }`.
 
-    Separators follow parse.y's `comma`: one ',' (no newline after it), or
-    newlines, or nothing.
+    6.8: after `{` and before `}` no newline is allowed, and separators follow parse.y's
+    `comma`: one ',' (no newline after it), or newlines, or nothing. 7.x adds `optnl` after
+    `{`, after each element and after a ','.
     """
     cur.punct("{")
     values: list[str] = []
     mapping: list[tuple[str, str]] = []
     while True:
+        if cur.since_7:
+            cur.newlines()
         key = cur.string()
         if cur.peek().is_punct("=") or cur.peek().is_punct("=>"):
             if values:
@@ -579,6 +610,8 @@ def _value_list(cur: _Cursor) -> tuple[tuple[str, ...], tuple[tuple[str, str], .
             raise cur.error()
         else:
             values.append(key.text)
+        if cur.since_7:
+            cur.newlines()
         if cur.peek().is_punct("}"):
             cur.next()
             return tuple(values), tuple(mapping)
@@ -646,6 +679,12 @@ _LISTEN_FLAGS = frozenset(
 )
 
 
+# 7.x: TLS settings per listener and relay action (OpenBSD 6.9), one string each.
+_TLS_SETTINGS = frozenset({"ciphers", "protocols"})
+# What `listen on socket` takes (parse.y opt_sock_listen); 7.5 added no-dsn.
+_SOCKET_OPTIONS = frozenset({"filter", "mask-src", "tag"})
+
+
 def _parse_listen(cur: _Cursor) -> Listen:
     """Lenient: options are kept as written; only table references are resolved."""
     start = cur.expect("listen")
@@ -656,8 +695,11 @@ def _parse_listen(cur: _Cursor) -> Listen:
     options: list[str] = []
     refs: list[TableRef] = []
     unknown: list[str] = []
+    socket = token.kind == "word" and token.text == "socket"
     while not cur.at_end():
         word = cur.next()
+        if socket and word.text not in _SOCKET_OPTIONS | ({"no-dsn"} if cur.since_7 else set()):
+            raise cur.error(word)
         options.append(word.text)
         takes_table = word.text in _LISTEN_TABLE_ARGS or (
             word.text in ("auth", "auth-optional") and _starts_operand(cur.peek())
@@ -666,7 +708,7 @@ def _parse_listen(cur: _Cursor) -> Listen:
             _collect_ref(_operand(cur), refs, options)
         elif word.text == "filter":
             options.extend(_filter_arg(cur))
-        elif word.text in _LISTEN_WORD_ARGS:
+        elif word.text in _LISTEN_WORD_ARGS or (cur.since_7 and word.text in _TLS_SETTINGS):
             options.append(cur.next().text)
         elif word.text not in _LISTEN_FLAGS and word.text not in ("auth", "auth-optional"):
             unknown.append(word.text)
@@ -756,6 +798,8 @@ def _parse_action_option(cur: _Cursor, local: bool) -> Option:
     token = cur.peek()
     name = token.text if token.kind == "word" else ""
     strings = _LOCAL_STRING_OPTIONS if local else _REMOTE_STRING_OPTIONS
+    if not local and cur.since_7:
+        strings = strings | _TLS_SETTINGS
     tables = _LOCAL_TABLE_OPTIONS if local else _REMOTE_TABLE_OPTIONS
     if name in strings or name == "ttl":
         cur.next()
@@ -900,8 +944,9 @@ _OTHER_KEYWORDS: frozenset[str] = frozenset(
 class _Builder:
     """Collects statements into the dicts and lists that become a Config."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, grammar: str = DEFAULT_GRAMMAR) -> None:
         self.path = path
+        self.grammar = grammar
         self.tables: dict[str, Table] = {}
         self.actions: dict[str, Action] = {}
         self.pkis: dict[str, Pki] = {}
@@ -910,7 +955,7 @@ class _Builder:
         self.statements: list[Statement] = []
 
     def add(self, tokens: list[Token]) -> None:
-        cur = _Cursor(tokens, self.path)
+        cur = _Cursor(tokens, self.path, self.grammar)
         if cur.at_end():
             return
         first = cur.peek()
@@ -979,13 +1024,15 @@ class _Builder:
         )
 
 
-def parse_config(text: str, path: str = "smtpd.conf") -> Config:
-    """Parse smtpd.conf text; raise ConfigSyntaxError where smtpd's grammar would.
+def parse_config(text: str, path: str = "smtpd.conf", grammar: str = DEFAULT_GRAMMAR) -> Config:
+    """Parse smtpd.conf text; raise ConfigSyntaxError where smtpd's grammar (GRAMMARS) would.
 
     References (undefined actions and tables) are not errors here: they are
     the linter's job, so one run can report all of them.
     """
-    builder = _Builder(path)
+    if grammar not in GRAMMARS:
+        raise ValueError(f"grammar {grammar!r}: one of {', '.join(GRAMMARS)}")
+    builder = _Builder(path, grammar)
     lexer = _Lexer(text, path, builder.macros)
     while (tokens := lexer.statement()) is not None:
         builder.add(tokens)
