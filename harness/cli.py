@@ -7,6 +7,7 @@ wrong, 2 the harness could not do its job (usage, environment, unreadable input)
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import signal
 import sys
@@ -33,6 +34,16 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`; any other name counts as not (resolving it would ask DNS)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_upstream(args: argparse.Namespace) -> int:
     """Run the fake provider until SIGINT/SIGTERM, appending one JSON line per finished session."""
     profile = load_profile(args.profile)
@@ -48,6 +59,13 @@ def cmd_upstream(args: argparse.Namespace) -> int:
             record_file.write(json.dumps(session.to_json()) + "\n")
             record_file.flush()
 
+    if not _is_loopback(host):
+        print(
+            f"relay-harness upstream: warning: {host} is not a loopback address: anyone who can reach "
+            "it can use this upstream, and learn from its replies whether a password is right",
+            file=sys.stderr,
+            flush=True,
+        )
     server = UpstreamServer(profile, pki, host, port)
     server.recorder._on_closed = on_closed
     stop = threading.Event()

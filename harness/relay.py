@@ -70,7 +70,7 @@ def relay_run(
     a fresh smtpd.
     """
     host, port = target.upstream_listen()
-    with UpstreamServer(profile, pki, host, port) as upstream:
+    with UpstreamServer(profile, pki, host, port, allowed_peers=target.upstream_peers()) as upstream:
         target.attach_upstream(upstream.host, upstream.port)
         target.install(bundle)
         target.point((profile.host, *extra_names), target.upstream_address())

@@ -308,3 +308,32 @@ def test_port_in_use_exits_2(workdir: Path) -> None:
     assert "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def _listen(workdir: Path, address: str) -> Upstream:
+    return Upstream(
+        ["--profile", str(workdir / "provider.toml"), "--listen", address, "--certs", str(workdir / "certs")]
+    )
+
+
+def test_listen_on_a_non_loopback_address_warns_first(workdir: Path) -> None:
+    # 203.0.113.1 (TEST-NET-3) is on no interface here: the warning comes, then the bind fails,
+    # so the test never opens a port anyone else could reach.
+    proc = _listen(workdir, "203.0.113.1:2525")
+    assert proc.proc.wait(timeout=RUN_TIMEOUT) == 2
+    _, err = proc.stop_output()
+    warning, failure = err.strip().splitlines()
+    assert warning.startswith("relay-harness upstream: warning: 203.0.113.1 is not a loopback address")
+    assert "learn from its replies whether a password is right" in warning
+    assert failure.startswith("relay-harness: cannot listen on 203.0.113.1:2525")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("address", ["127.0.0.2:0", "[::1]:0", "localhost:0"])
+def test_listen_on_loopback_does_not_warn(workdir: Path, address: str) -> None:
+    proc = _listen(workdir, address)
+    line = proc.lines.get(timeout=START_TIMEOUT)
+    assert line is not None and "listening on" in line, proc.stop_output()
+    assert proc.signal(signal.SIGTERM) == 0
+    _, err = proc.stop_output()
+    assert "warning" not in err

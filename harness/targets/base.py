@@ -240,6 +240,13 @@ class Target(ABC):
         """Where the harness's upstream listens (port None: the profile's); by default the same."""
         return self.upstream_address(), None
 
+    def upstream_peers(self) -> tuple[str, ...] | None:
+        """The addresses smtpd's relay connections come from: the only peers the upstream serves.
+
+        None: any peer (where the target cannot say, e.g. through a tunnel from this machine).
+        """
+        return None
+
     def attach_upstream(self, host: str, port: int) -> None:
         """Join smtpd's side to the upstream listening at host:port, before smtpd starts.
 

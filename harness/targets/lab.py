@@ -286,6 +286,7 @@ class LabHost:
             Shell(name, self._client()),
             self.upstream_address,
             fresh_spool="find /var/spool/smtpd /var/mail -mindepth 1 -delete",
+            upstream_peers=(self.address,),  # smtpd's connections come from here, and nobody else's
         )
 
     def testinfra_host(self) -> Any:

@@ -154,6 +154,7 @@ class SmtpdTarget(Target):
         enclosure: Enclosure | None = None,
         on_close: Callable[[], None] | None = None,
         owns_connection: bool = True,
+        upstream_peers: tuple[str, ...] | None = None,
     ) -> None:
         self.name = name
         self.shell = shell
@@ -166,6 +167,7 @@ class SmtpdTarget(Target):
         self.enclosure = enclosure
         self._on_close = on_close
         self._owns_connection = owns_connection
+        self._upstream_peers = upstream_peers
         self._smtpd: paramiko.Channel | None = None
         self._smtpd_pid: int | None = None
         self.log = LogFollower()
@@ -239,6 +241,9 @@ class SmtpdTarget(Target):
         if self.enclosure is not None:
             return self.enclosure.listen
         return self._upstream_address, None
+
+    def upstream_peers(self) -> tuple[str, ...] | None:
+        return self._upstream_peers
 
     def attach_upstream(self, host: str, port: int) -> None:
         if self.enclosure is not None:

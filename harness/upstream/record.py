@@ -56,6 +56,7 @@ class SessionRecord:
     replies: tuple[str, ...]
     started: float
     ended: float | None
+    refused: str | None = None  # closed before the banner, and why (a peer not allowed)
 
     @property
     def closed(self) -> bool:
@@ -149,6 +150,9 @@ class Recorder:
             auth = ",".join(f"{a.mechanism}:{a.user}:{'ok' if a.success else 'failed'}" for a in s.auth)
             msgs = ";".join(f"{m.mail_from}->{','.join(m.rcpt_to)}={m.reply}" for m in s.messages)
             last = s.replies[-1] if s.replies else "-"
+            if s.refused:
+                parts.append(f"[#{s.id} peer={s.peer} refused: {s.refused}]")
+                continue
             parts.append(
                 f"[#{s.id} tls={s.tls} ehlo={s.ehlo} auth={auth or '-'} msgs={msgs or '-'} "
                 f"last_reply={last!r}]"
@@ -174,6 +178,7 @@ class SessionBuilder:
     replies: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     ended: float | None = None
+    refused: str | None = None
 
     def snapshot(self) -> SessionRecord:
         return SessionRecord(
@@ -191,4 +196,5 @@ class SessionBuilder:
             replies=tuple(self.replies),
             started=self.started,
             ended=self.ended,
+            refused=self.refused,
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ipaddress
 import itertools
 import logging
 import re
@@ -19,7 +21,7 @@ import time
 import warnings
 import weakref
 from asyncio import sslproto
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -51,6 +53,8 @@ STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 _session_ids = itertools.count(1)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+REFUSED_PEER = "peer not allowed: connection closed before the banner"
 log = logging.getLogger(__name__)
 
 # aiosmtpd itself sets the attribute it deprecates on every successful AUTH and logs a warning
@@ -116,14 +120,12 @@ class _Recording:
     session: Session | None
 
     def _init_recording(
-        self,
-        profile: Profile,
-        recorder: Recorder,
-        budget: FaultBudget,
-        listener: str,
-        implicit: ssl.SSLContext | None,
+        self, server: UpstreamServer, implicit: ssl.SSLContext | None, peer_label: str | None
     ) -> None:
-        self.profile, self.recorder, self.budget, self.listener = profile, recorder, budget, listener
+        self.profile, self.recorder, self.budget = server.profile, server.recorder, server.budget
+        self.listener = f"{server.host}:{server.port}" if server.listening else "in-process"
+        self.allowed, self.peer_label = server.allowed, peer_label
+        self.refused = False
         self.implicit_tls = implicit is not None
         self.implicit_context = implicit
         self.builder: SessionBuilder | None = None
@@ -136,14 +138,17 @@ class _Recording:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.builder is None:
-            self.budget.connected()
             peer = transport.get_extra_info("peername")
             self.builder = SessionBuilder(
                 id=next(_session_ids),
-                peer=f"{peer[0]}:{peer[1]}" if peer else "?",
+                peer=self.peer_label or (f"{peer[0]}:{peer[1]}" if peer else "?"),
                 listener=self.listener,
                 protocol=self.profile.protocol,
             )
+            if not self._peer_allowed(peer):
+                self._refuse(transport)
+                return
+            self.budget.connected()
             if self.implicit_context is not None:
                 self._start_implicit_tls(transport)
                 self.publish()
@@ -152,6 +157,27 @@ class _Recording:
             self._note_tls("implicit" if self.implicit_tls else "starttls", transport)
         super().connection_made(transport)  # type: ignore[misc]
         self.publish()
+
+    def _peer_allowed(self, peer: Any) -> bool:
+        if self.allowed is None or self.peer_label is not None:
+            return True  # no allow-list, or a socket handed over in-process (serve_socket)
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except (TypeError, ValueError, IndexError):
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address in self.allowed
+
+    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+        """Not one byte to a peer that is not the target: no banner, no AUTH, no oracle."""
+        assert self.builder is not None
+        self.refused = True
+        self.builder.refused = REFUSED_PEER
+        self.builder.ended = time.time()
+        self.publish()
+        assert isinstance(transport, asyncio.Transport)
+        transport.abort()
 
     def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
         """TLS on connect, done here rather than by the listener so a failed handshake is recorded.
@@ -189,6 +215,8 @@ class _Recording:
         self.builder.tls_cipher = cipher[0] if cipher else None
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         self._ack_now()
         super().data_received(data)  # type: ignore[misc]
 
@@ -212,6 +240,8 @@ class _Recording:
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.refused:
+            return  # aiosmtpd never saw this connection
         self.finish_message(None)
         if self.builder is not None and self.builder.ended is None:
             self.builder.ended = time.time()
@@ -431,11 +461,21 @@ class UpstreamServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         recorder: Recorder | None = None,
+        *,
+        allowed_peers: Iterable[str] | None = None,
+        listen: bool = True,
     ) -> None:
+        """`allowed_peers`: the only addresses whose connections are served (the target's own);
+        any other peer's connection is closed before the banner and recorded as refused, so no
+        other local user can try passwords on it. None: every peer (the standalone upstream).
+        `listen` False: no listener at all, connections come only through `serve_socket`.
+        """
         self.profile = profile
         self.pki = pki
         self.host = host
         self.port = profile.port if port is None else port
+        self.listening = listen
+        self.allowed = None if allowed_peers is None else frozenset(_addresses(allowed_peers))
         self.recorder = recorder or Recorder()
         self.budget = FaultBudget(profile.faults)
         self.cert: ServerCert = pki.server_cert(profile.host, profile.faults.cert)
@@ -449,7 +489,7 @@ class UpstreamServer:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
-    def _factory(self) -> SMTP:
+    def _factory(self, peer_label: str | None = None) -> SMTP:
         profile = self.profile
         handler = ProviderHandler(profile, self.budget)
         tls_context = self._tls_context if profile.tls.startswith("starttls") else None
@@ -467,7 +507,7 @@ class UpstreamServer:
             loop=self._loop,
         )
         implicit = self._tls_context if profile.tls == "implicit" else None
-        smtp._init_recording(profile, self.recorder, self.budget, f"{self.host}:{self.port}", implicit)
+        smtp._init_recording(self, implicit, peer_label)
         self._protocols.add(smtp)
         return smtp
 
@@ -479,11 +519,11 @@ class UpstreamServer:
             loop = asyncio.new_event_loop()
             self._loop = loop
             try:
-                self._server = loop.run_until_complete(
-                    loop.create_server(self._factory, self.host, self.port, reuse_address=True)
-                )
-                sock = self._server.sockets[0]
-                self.port = sock.getsockname()[1]
+                if self.listening:
+                    self._server = loop.run_until_complete(
+                        loop.create_server(self._factory, self.host, self.port, reuse_address=True)
+                    )
+                    self.port = self._server.sockets[0].getsockname()[1]
             except OSError as exc:
                 failure.append(exc)
                 ready.set()
@@ -501,6 +541,21 @@ class UpstreamServer:
             self._thread.join()
             raise UpstreamError(f"cannot listen on {self.host}:{self.port}: {failure[0]}")
         return self
+
+    def serve_socket(self, sock: socket.socket, peer: str = "in-process", timeout: float = 10) -> None:
+        """Serve an already connected socket as one more session (e.g. one end of a socketpair
+        whose other end a tunnel feeds), with no TCP listener involved. `peer` is what the record
+        calls the other side. The allow-list does not apply: only this process can hand a socket.
+        """
+        loop = self._loop
+        if loop is None or self._thread is None or not self._thread.is_alive():
+            raise UpstreamError("serve_socket: the upstream is not running (start it first)")
+        factory = functools.partial(self._factory, peer)
+        future = asyncio.run_coroutine_threadsafe(loop.connect_accepted_socket(factory, sock), loop)
+        try:
+            future.result(timeout)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(f"serve_socket: {exc}") from exc
 
     def stop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -530,6 +585,14 @@ class UpstreamServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _addresses(peers: Iterable[str]) -> Iterator[IPAddress]:
+    for peer in peers:
+        try:
+            yield ipaddress.ip_address(peer)
+        except ValueError:
+            raise UpstreamError(f"allowed peer {peer!r} is not an IP address") from None
 
 
 @contextmanager
