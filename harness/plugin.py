@@ -17,7 +17,7 @@ import pytest
 
 if TYPE_CHECKING:
     from harness.pki import TestPki
-    from harness.scenarios import Case, Scenario
+    from harness.scenarios import Case, CaseOutcome, Scenario
     from harness.targets.lab import Lab, LabHost
 
 
@@ -135,6 +135,28 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         lab.close()
 
 
+TWIN_PROPERTY = "twin_verdict"  # JUnit property of a twin item: which expectation tells it apart
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """One line for the twin pairs of the run (each pair's verdict with -v), also under xdist."""
+    verdicts = []
+    for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
+        if report.when == "call":
+            verdicts += [(report.nodeid, v) for k, v in report.user_properties if k == TWIN_PROPERTY]
+    if not verdicts:
+        return
+    nothing = [(n, v) for n, v in verdicts if v.startswith("this pair proves nothing")]
+    terminalreporter.section("relay-harness twins", sep="-")
+    shown = verdicts if config.getoption("verbose") > 0 else nothing
+    for nodeid, verdict in sorted(shown):
+        terminalreporter.write_line(f"{nodeid}: {verdict}")
+    terminalreporter.write_line(
+        f"{len(verdicts)} twin pair(s): {len(verdicts) - len(nothing)} discriminate, "
+        f"{len(nothing)} prove nothing"
+    )
+
+
 class ScenarioFailure(Exception):
     """A case whose observations differ from its expectations; shown without a traceback."""
 
@@ -173,13 +195,13 @@ class ScenarioItem(pytest.Item):
         try:
             assert host.target is not None
             outcome = run_case(host.target, self.scenario, self.case, pki)
-            if not outcome.ok:
+            proves_nothing = self._judge_twin(outcome)
+            if not outcome.ok or proves_nothing:
+                report = "\n".join(filter(None, [proves_nothing, outcome.explain()]))
                 keep = bool(self.config.getoption("relay_keep"))
                 if keep:
-                    outcome.evidence.append(
-                        f"test host kept: {host.enter_command()} (when done: relay-harness lab clean)"
-                    )
-                raise ScenarioFailure(outcome.explain())
+                    report += f"\ntest host kept: {host.enter_command()} (when done: relay-harness lab clean)"
+                raise ScenarioFailure(report)
         finally:
             if not keep:
                 lab.destroy_host(host)
@@ -199,8 +221,27 @@ class ScenarioItem(pytest.Item):
         )
         for note in notes:
             self.add_report_section("call", "relay-target", note)
-        if not outcome.ok:
-            raise ScenarioFailure(outcome.explain())
+        proves_nothing = self._judge_twin(outcome)
+        if not outcome.ok or proves_nothing:
+            raise ScenarioFailure("\n".join(filter(None, [proves_nothing, outcome.explain()])))
+
+    def _judge_twin(self, outcome: CaseOutcome) -> str | None:
+        """Judge a twin's outcome by its positive's expectations; the failure text if none fails.
+
+        The positive's expectations come from the scenario data, not from its run: the positive
+        may run on another xdist worker, or not at all (-k).
+        """
+        from harness.scenarios import judge_twin
+
+        if self.case.twin_of is None:
+            return None
+        verdict = judge_twin(self.scenario.case(self.case.twin_of), outcome.observation)
+        text = outcome.redactor(verdict.explain())
+        self.user_properties.append((TWIN_PROPERTY, text))
+        if verdict.proves:
+            self.add_report_section("call", "twin", text)
+            return None
+        return text
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, ScenarioFailure):

@@ -1,9 +1,10 @@
-"""Scenario files (TOML) → scenario objects, and the checks of their expectations.
+"""Scenario files (TOML) → scenario objects; running a case: send, wait, observe, judge.
 
 A scenario is what a sysadmin writes to pin a behaviour or reproduce a documented error: a
 config, its tables, the provider, mail to send and what must be seen. Cases in one file share
 the config and may override parts of it; a broken twin is just a case whose override breaks
-the config and whose expectations say how.
+the config and whose expectations say how. A twin must also fail its positive's expectations
+(judged on the twin's own observation): a twin that meets them all proves nothing.
 """
 
 from __future__ import annotations
@@ -11,24 +12,24 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.bundle import BundleError, TableInput
+from harness.bundle import BundleError, TableInput, declared_tables
 from harness.bundle import build_bundle as build_bundle_of
 from harness.errors import HarnessError
+from harness.expectations import Expectations, Mismatch, evaluate, parse_expectations, validate
+from harness.observation import Observation, Submission
 from harness.pki import TestPki
 from harness.redact import Redactor
-from harness.relay import DELIVERY, ConfigRejected, RelayRun, relay_run
+from harness.relay import ConfigRejected, RelayRun, relay_run
 from harness.smtpdconf import ConfigSyntaxError, parse_config
 from harness.targets.base import Bundle, BundleFile, OutgoingMail, Target, TargetError
-from harness.upstream import Profile, ProfileError, SessionRecord, profile_from_data
+from harness.upstream import Profile, ProfileError, profile_from_data
+from harness.waiting import wait_until
 
-DEFAULT_TIMEOUT = 10.0
-MAX_TIMEOUT = 60.0
 MAX_MESSAGES = 20  # a case's mail is bounded: scenarios must stop by themselves
-MAX_DEFERRALS = 10  # expect.deferrals: retries the harness triggers, bounded like everything else
 MARKERS = {
     "tls": "TLS mode on the wire (STARTTLS, implicit, plain) and certificate checks",
     "auth": "AUTH to the smarthost: success, failure, credentials",
@@ -67,30 +68,6 @@ _CASE = {
     "expect",
 }
 _SEND = {"from", "to", "subject", "user", "via", "address", "port"}
-_EXPECT = {
-    "config_error",
-    "config_error_line",
-    "relayed",
-    "tls",
-    "auth",
-    "auth_attempted",
-    "mail_from",
-    "rcpt_to",
-    "log",
-    "log_absent",
-    "delivery",
-    "queue",
-    "mbox",
-    "bounce",
-    "submission_refused",
-    "upstream_reply",
-    "deferrals",
-    "delivered_once",
-    "timeout",
-}
-_AUTH = {"mechanism", "user", "success"}
-_DELIVERY = {"result", "stat", "rcpt"}
-_MBOX = {"user", "contains"}
 
 
 class ScenarioError(HarnessError):
@@ -98,7 +75,8 @@ class ScenarioError(HarnessError):
 
     def __init__(self, path: str, line: int | None, fieldname: str, message: str) -> None:
         self.path, self.line, self.field, self.message = path, line, fieldname, message
-        super().__init__(f"{path}:{line or '?'}: {fieldname}: {message}")
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {fieldname}: {message}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +102,7 @@ class Case:
     ca_files: dict[str, str]  # path on the target → which CA's certificate (CA_SOURCES)
     profile: Profile
     mails: tuple[Mail, ...]
-    expect: dict[str, Any]
+    expect: Expectations
     line: int | None
 
 
@@ -135,15 +113,30 @@ class Scenario:
     cases: tuple[Case, ...]
     secret_tables: tuple[str, ...] = ()
 
+    def case(self, name: str) -> Case:
+        return next(c for c in self.cases if c.name == name)
 
-@dataclass
+
+@dataclass(frozen=True)
 class CaseOutcome:
-    ok: bool
-    failures: list[str] = field(default_factory=list)
-    evidence: list[str] = field(default_factory=list)
+    """What a case saw, what of its expectations that missed (redacted), and evidence to show."""
+
+    observation: Observation
+    mismatches: tuple[Mismatch, ...]
+    evidence: tuple[str, ...]
+    redactor: Redactor
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        """The mismatches as a person reads them, passwords redacted."""
+        return tuple(self.redactor(str(m)) for m in self.mismatches)
 
     def explain(self) -> str:
-        return "\n".join([*(f"expected {f}" for f in self.failures), "", *self.evidence]).rstrip()
+        return "\n".join([*self.failures, "", *(self.redactor(e) for e in self.evidence)]).rstrip()
 
 
 class _Locator:
@@ -155,18 +148,30 @@ class _Locator:
         self.case_starts = [i for i, s in enumerate(self.lines) if re.match(r"^\s*\[\[\s*case\s*\]\]", s)]
 
     def line(self, key: str, case: int | None = None) -> int | None:
+        """The line of `key` (dotted: `expect.mbox.user`) in the case's block, or the file's head.
+
+        Each enclosing `[table]` header found moves the search past it (so `expect.tls` is the
+        `tls =` under `[case.expect]`, not another one above); a key that is absent (a missing
+        field) is located at its nearest enclosing key.
+        """
         start, end = 0, len(self.lines)
         if case is not None and case < len(self.case_starts):
             start = self.case_starts[case]
             end = self.case_starts[case + 1] if case + 1 < len(self.case_starts) else len(self.lines)
         elif self.case_starts:
             end = self.case_starts[0]
-        leaf = key.rpartition(".")[2].partition("[")[0]
-        pattern = re.compile(
-            rf"^\s*(\[+\s*)?([\w.]*\.)?[\"']?{re.escape(leaf)}[\"']?\s*(=|\])|\b{re.escape(leaf)}\s*="
-        )
-        hit = next((i + 1 for i in range(start, end) if pattern.search(self.lines[i])), None)
-        return hit or (start + 1 if case is not None else None)
+        parts = [p.partition("[")[0] for p in key.split(".")]
+        for part in parts[:-1]:
+            header = re.compile(rf"^\s*\[+\s*([\w.\"']+\.)?[\"']?{re.escape(part)}[\"']?\s*\]")
+            start = next((i for i in range(start, end) if header.search(self.lines[i])), start)
+        for leaf in reversed(parts):
+            pattern = re.compile(
+                rf"^\s*(\[+\s*)?([\w.]*\.)?[\"']?{re.escape(leaf)}[\"']?\s*(=|\])|\b{re.escape(leaf)}\s*="
+            )
+            hit = next((i + 1 for i in range(start, end) if pattern.search(self.lines[i])), None)
+            if hit is not None:
+                return hit
+        return start + 1 if case is not None else None
 
     def error(self, key: str, message: str, case: int | None = None) -> ScenarioError:
         return ScenarioError(self.path, self.line(key, case), key, message)
@@ -203,8 +208,15 @@ def load_scenario(path: Path) -> Scenario:
             raise loc.error("name", f"case name {case.name!r} is used twice", i)
         if case.twin_of is not None and case.twin_of not in names:
             raise loc.error("twin_of", f"no case named {case.twin_of!r} in this file", i)
+        if case.twin_of == case.name:
+            raise loc.error("twin_of", "a case cannot be its own twin: name the positive it breaks", i)
     secret = data.get("secret_tables", ["secrets"])
-    return Scenario(path, str(data.get("description", "")), cases, tuple(secret))
+    if not isinstance(secret, list) or not all(isinstance(t, str) for t in secret):
+        raise loc.error("secret_tables", "must be a list of table names")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise loc.error("description", "must be a string")
+    return Scenario(path, description, cases, tuple(secret))
 
 
 def _known(
@@ -278,12 +290,26 @@ def _case(
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name):
         raise loc.error("name", "each case needs a name (letters, digits, _ . + -)", index)
-    for pair in raw.get("config_replace", []):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise loc.error("config_replace", 'must be a list of ["old", "new"] pairs', index)
-        if pair[0] not in config:
-            raise loc.error("config_replace", f"{pair[0]!r} does not occur in the config", index)
-        config = config.replace(pair[0], pair[1])
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise loc.error("description", "must be a string", index)
+    twin_of = raw.get("twin_of")
+    if twin_of is not None and not isinstance(twin_of, str):
+        raise loc.error("twin_of", "must name another case of this file (the positive it breaks)", index)
+    replacements = raw.get("config_replace", [])
+    pairs_ok = isinstance(replacements, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)
+        for pair in replacements
+    )
+    if not pairs_ok:
+        raise loc.error("config_replace", 'must be a list of ["old", "new"] pairs of strings', index)
+    for old, new in replacements:
+        if old not in config:
+            raise loc.error("config_replace", f"{old!r} does not occur in the config", index)
+        config = config.replace(old, new)
+    case_tables = _tables(raw.get("tables", {}), "tables", loc, index)
+    stale_tables = _tables(raw.get("stale_tables", {}), "stale_tables", loc, index)
+    _check_tables(config, tables, case_tables, stale_tables, loc, index)
     case_upstream = raw.get("upstream", {})
     if not isinstance(case_upstream, dict):
         raise loc.error("upstream", "must be a table", index)
@@ -292,24 +318,56 @@ def _case(
     except ProfileError as exc:
         in_case = exc.field in case_upstream or exc.field.split(".")[0] in case_upstream
         raise loc.error(f"upstream.{exc.field}", exc.message, index if in_case else None) from None
-    expect = raw.get("expect", {})
-    if not isinstance(expect, dict) or not expect:
+    raw_expect = raw.get("expect", {})
+    if not isinstance(raw_expect, dict) or not raw_expect:
         raise loc.error("expect", "each case needs an [case.expect] table saying what must be seen", index)
-    _check_expect(expect, loc, index)
+
+    def fail(key: str, message: str) -> ScenarioError:
+        return loc.error(key, message, index)
+
+    expect = parse_expectations(raw_expect, fail)
+    validate(expect, fail)
     return Case(
         name=name,
-        description=str(raw.get("description", "")),
+        description=description,
         markers=tuple(dict.fromkeys(markers + _markers(raw.get("markers", []), "markers", loc, index))),
-        twin_of=raw.get("twin_of"),
+        twin_of=twin_of,
         config=config,
-        tables={**tables, **_tables(raw.get("tables", {}), "tables", loc, index)},
-        stale_tables=_tables(raw.get("stale_tables", {}), "stale_tables", loc, index),
+        tables={**tables, **case_tables},
+        stale_tables=stale_tables,
         ca_files=ca_files,
         profile=profile,
         mails=_mails(raw.get("send"), loc, index),
         expect=expect,
         line=loc.line("name", index),
     )
+
+
+def _check_tables(
+    config_text: str,
+    shared: dict[str, str],
+    own: dict[str, str],
+    stale: dict[str, str],
+    loc: _Locator,
+    index: int,
+) -> None:
+    """At load time, what the bundle builder would refuse at run time: tables the config lacks."""
+    try:
+        config = parse_config(config_text, "/etc/smtpd.conf")
+    except ConfigSyntaxError:
+        config = None
+    declared = declared_tables(config) if config is not None else {}
+    for name in {**shared, **own}:
+        if name not in declared:
+            where = index if name in own else None
+            raise loc.error(f"tables.{name}", str(BundleError(name, declared)), where)
+    for name in stale:
+        if config is None or name not in {**shared, **own} or config.tables[name].backend != "db":
+            raise loc.error(
+                f"stale_tables.{name}",
+                "must name a db: table of the config that tables gives (its current text)",
+                index,
+            )
 
 
 def _mails(raw: Any, loc: _Locator, index: int) -> tuple[Mail, ...]:
@@ -333,68 +391,26 @@ def _mails(raw: Any, loc: _Locator, index: int) -> tuple[Mail, ...]:
         if via not in ("sendmail", "smtp"):
             raise loc.error("send.via", "must be sendmail (local submission) or smtp (to a listener)", index)
         port = item.get("port", 25)
-        if not isinstance(port, int) or not 1 <= port <= 65535:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise loc.error("send.port", "must be a port number", index)
+        texts = {"from": "root", "subject": f"relay-harness scenario message {i + 1}"}
+        texts |= {"user": "root", "address": "127.0.0.1"}
+        for key, default in texts.items():
+            value = texts[key] = item.get(key, default)
+            if not isinstance(value, str) or not value:
+                raise loc.error(f"send.{key}", f"must be a non-empty string, not {value!r}", index)
         mails.append(
             Mail(
-                sender=str(item.get("from", "root")),
+                sender=texts["from"],
                 recipients=tuple(to),
-                subject=str(item.get("subject", f"relay-harness scenario message {i + 1}")),
-                user=str(item.get("user", "root")),
+                subject=texts["subject"],
+                user=texts["user"],
                 via=via,
-                address=str(item.get("address", "127.0.0.1")),
+                address=texts["address"],
                 port=port,
             )
         )
     return tuple(mails)
-
-
-def _check_expect(expect: dict[str, Any], loc: _Locator, index: int) -> None:
-    _known(expect, _EXPECT, "expect.", loc, index)
-    for key, known in (("auth", _AUTH), ("delivery", _DELIVERY), ("mbox", _MBOX), ("bounce", _MBOX)):
-        if key in expect:
-            if not isinstance(expect[key], dict):
-                raise loc.error(f"expect.{key}", "must be a table", index)
-            _known(expect[key], known, f"expect.{key}.", loc, index)
-    for key in ("log", "log_absent", "queue", "rcpt_to"):
-        value = expect.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise loc.error(f"expect.{key}", "must be a list of strings", index)
-    for key in ("log", "log_absent"):
-        for pattern in expect.get(key, []):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise loc.error(
-                    f"expect.{key}", f"bad regular expression {pattern!r}: {exc}", index
-                ) from None
-    timeout = expect.get("timeout", DEFAULT_TIMEOUT)
-    if not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT:
-        raise loc.error("expect.timeout", f"must be seconds between 0 and {MAX_TIMEOUT:g}", index)
-    if "submission_refused" in expect:
-        try:
-            re.compile(expect["submission_refused"])
-        except (re.error, TypeError) as exc:
-            raise loc.error(
-                "expect.submission_refused", f"must be a regular expression: {exc}", index
-            ) from None
-    waits = ("log", "delivery", "submission_refused")
-    if expect.get("relayed") is False and not any(expect.get(k) for k in waits):
-        raise loc.error(
-            "expect.relayed",
-            "relayed = false needs a log, delivery or submission_refused expectation to wait on",
-            index,
-        )
-    deferrals = expect.get("deferrals", 0)
-    if not isinstance(deferrals, int) or isinstance(deferrals, bool) or not 0 <= deferrals <= MAX_DEFERRALS:
-        raise loc.error("expect.deferrals", f"must be a whole number from 0 to {MAX_DEFERRALS}", index)
-    if "delivered_once" in expect and not isinstance(expect["delivered_once"], bool):
-        raise loc.error("expect.delivered_once", "must be true or false", index)
-    for key in ("deferrals", "delivered_once"):
-        if key in expect and expect.get("relayed") is not True:
-            raise loc.error(f"expect.{key}", "needs relayed = true (it counts a relayed message)", index)
-    if "config_error" in expect and len(set(expect) - {"config_error", "config_error_line"}) > 0:
-        raise loc.error("expect.config_error", "a refused config sends nothing: expect nothing else", index)
 
 
 def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str, pki: TestPki | None = None) -> Bundle:
@@ -413,7 +429,7 @@ def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str, pki: Tes
             raise ScenarioError(path, case.line, "ca_files", "needs the harness's PKI to write CA files")
         ca = pki.ca if source == "test" else pki.other_ca
         extra.append(BundleFile(ca_path, ca.cert_pem.bytes()))
-    mbox = case.expect.get("mbox", {}).get("user")
+    mbox = case.expect.mbox.user if case.expect.mbox else None
     try:
         return build_bundle_of(
             case.config,
@@ -428,236 +444,121 @@ def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str, pki: Tes
 
 
 def run_case(target: Target, scenario: Scenario, case: Case, pki: TestPki) -> CaseOutcome:
-    """Run one case on a target and compare what was seen with what it expects."""
+    """Run one case on a target: send its mail, wait for what it expects, observe, then judge.
+
+    A twin's observation also holds what its positive's expectations look at (their mailboxes),
+    so that `judge_twin` can judge it by them without another run.
+    """
     bundle = build_bundle(case, scenario.secret_tables, str(scenario.path), pki)
-    redactor = Redactor((c.user, c.password) for c in case.profile.credentials)
-    expect = case.expect
-    timeout = float(expect.get("timeout", DEFAULT_TIMEOUT))
-    outcome = CaseOutcome(True)
+    judged = [case.expect]
+    if case.twin_of is not None:
+        judged.append(scenario.case(case.twin_of).expect)
+    users = frozenset(u for e in judged for u in e.mailbox_users)
     try:
         with relay_run(target, bundle, case.profile, pki) as run:
-            if "config_error" in expect:
-                outcome.failures.append(
-                    f"smtpd to refuse the config with {expect['config_error']!r}, but it accepted it"
-                )
+            if case.expect.config_error is not None:  # smtpd was meant to refuse it: send nothing
+                observation = Observation(run.check)
+                evidence = [f"smtpd -n accepted the config: {run.check.output or '(no output)'}"]
             else:
-                mark = run.log.mark()
-                _send_all(run, case, expect, outcome)
-                _check_run(run, case, expect, timeout, mark, outcome)
-                outcome.evidence.extend(_evidence(run, mark))
+                observation = _observe(run, case, users)
+                evidence = _evidence(run, observation)
     except ConfigRejected as refused:
-        check = refused.check
-        wanted = expect.get("config_error")
-        if wanted is None:
-            outcome.failures.append(f"smtpd to accept the config, but it said: {check.output}")
-        else:
-            if wanted not in (check.message or ""):
-                outcome.failures.append(f"config error {wanted!r}, got {check.message!r}")
-            line = expect.get("config_error_line")
-            if line is not None and check.line != line:
-                outcome.failures.append(f"the error on line {line}, smtpd blamed line {check.line}")
-        outcome.evidence.append(f"smtpd -n: {check.output}")
-    outcome.ok = not outcome.failures
-    outcome.failures = [redactor(f) for f in outcome.failures]
-    outcome.evidence = [redactor(e) for e in outcome.evidence]
-    return outcome
+        observation = Observation(refused.check)
+        evidence = [f"smtpd -n: {refused.check.output}"]
+    mismatches = tuple(evaluate(case.expect, observation))
+    return CaseOutcome(observation, mismatches, tuple(evidence), _redactor(scenario, case))
 
 
-def _send_all(run: RelayRun, case: Case, expect: dict[str, Any], outcome: CaseOutcome) -> None:
-    """Submit the case's mail; a refused submission is a failure unless the case expects it."""
-    wanted = expect.get("submission_refused")
-    refusals = []
-    for mail in case.mails:
-        out = OutgoingMail(
-            mail.sender,
-            mail.recipients,
-            mail.subject,
-            via=mail.via,
-            user=mail.user,
-            smtp_address=mail.address,
-            smtp_port=mail.port,
-        )
-        try:
-            run.send(out)
-        except TargetError as exc:
-            refusals.append(str(exc))
-    if wanted is None:
-        outcome.failures.extend(f"the submission to be accepted: {r}" for r in refusals)
-    elif not any(re.search(wanted, r) for r in refusals):
-        outcome.failures.append(
-            f"the submission to be refused with {wanted!r}, got: {refusals or 'accepted'}"
+def _redactor(scenario: Scenario, case: Case) -> Redactor:
+    """Passwords of the case's provider and of its positive's: a twin's report quotes both."""
+    cases = [case] if case.twin_of is None else [case, scenario.case(case.twin_of)]
+    return Redactor((c.user, c.password) for k in cases for c in k.profile.credentials)
+
+
+def _observe(run: RelayRun, case: Case, users: frozenset[str]) -> Observation:
+    """Submit the case's mail, wait (on events) until nothing it expects is pending, snapshot."""
+    mark = run.log.mark()
+    submissions = tuple(_submit(run, mail) for mail in case.mails)
+    retried = 0
+
+    def snapshot(final: bool) -> Observation:
+        # The target's state first, then the streams: what emptied the queue is then recorded.
+        queue = run.target.queue() if final and not run.log.closed else ""
+        mailboxes = {u: run.target.mailbox(u).decode("utf-8", "replace") for u in users} if final else {}
+        return Observation(
+            config=run.check,
+            submissions=submissions,
+            sessions=run.upstream.recorder.sessions,
+            log=tuple(run.log.lines[mark:]),
+            queue=queue,
+            mailboxes=mailboxes,
+            smtpd_exited=run.log.closed,
         )
 
+    def settled() -> bool | None:
+        nonlocal retried
+        live = snapshot(final=False)
+        for _ in range(case.expect.retries_due(live) - retried):  # retry deferred mail at once
+            run.target.control("schedule", "all")
+            retried += 1
+        return True if run.log.closed or not case.expect.pending(live) else None
 
-def _check_run(
-    run: RelayRun, case: Case, expect: dict[str, Any], timeout: float, mark: int, outcome: CaseOutcome
-) -> None:
-    fail = outcome.failures.append
-    for pattern in expect.get("log", []):
-        try:
-            run.log.wait_for(pattern, timeout, since=mark)
-        except TimeoutError:
-            fail(f"a log line matching {pattern!r} within {timeout:g}s")
-    delivery = expect.get("delivery")
-    if delivery:
-        _check_delivery(run, delivery, timeout, mark, fail)
-    for key, sender in (("mbox", ".*"), ("bounce", "")):
-        # A bounce is smtpd's own message, from the null sender <>, delivered to the local sender.
-        box = expect.get(key)
-        if not box:
-            continue
-        user = box["user"]
-        what = "bounce" if key == "bounce" else "local delivery"
-        try:
-            run.log.wait_for(
-                rf"mda delivery evpid=\S+ from=<{sender}> .* user={re.escape(user)} ", timeout, mark
-            )
-        except TimeoutError:
-            fail(f"a {what} to {user} within {timeout:g}s")
-        content = run.target.mailbox(user).decode("utf-8", "replace")
-        if box.get("contains", "") not in content or not content:
-            fail(f"{user}'s mailbox to contain {box.get('contains', 'mail')!r}")
-    if "deferrals" in expect:
-        _retry_deferred(run, expect["deferrals"], timeout, mark, fail)
-    session = _check_relayed(run, case, expect, timeout, fail)
-    if expect.get("delivered_once"):
-        _check_delivered_once(run, case, expect, fail)
-    _check_session(run, session, expect, fail)
-    for pattern in expect.get("log_absent", []):
-        hits = run.log.matching(pattern, since=mark)
-        if hits:
-            fail(f"no log line matching {pattern!r}, got {hits[0]!r}")
-    for text in expect.get("queue", []):
-        queue = run.target.queue()
-        if text not in queue:
-            fail(f"the queue to show {text!r}; smtpctl show queue: {queue.strip() or '(empty)'}")
-    reply = expect.get("upstream_reply")
-    if reply is not None:
-        replies = [r for s in run.upstream.recorder.sessions for r in s.replies]
-        if not any(re.search(reply, r) for r in replies):
-            fail(f"the upstream to reply {reply!r}; it replied {replies[-5:]}")
+    wait_until(settled, [run.log, run.upstream.recorder], case.expect.wait_seconds)
+    return snapshot(final=True)
 
 
-def _check_delivery(run: RelayRun, delivery: dict[str, Any], timeout: float, mark: int, fail: Any) -> None:
-    rcpt = delivery.get("rcpt")
-    pattern = (
-        DELIVERY
-        if rcpt is None
-        else DELIVERY.replace(r"to=<(?P<rcpt>[^>]*)>", f"to=<(?P<rcpt>{re.escape(rcpt)})>")
+def _submit(run: RelayRun, mail: Mail) -> Submission:
+    out = OutgoingMail(
+        mail.sender,
+        mail.recipients,
+        mail.subject,
+        via=mail.via,
+        user=mail.user,
+        smtp_address=mail.address,
+        smtp_port=mail.port,
     )
     try:
-        m = run.log.wait_for(pattern, timeout, since=mark)
-    except TimeoutError:
-        fail(f"a delivery attempt{f' to {rcpt}' if rcpt else ''} within {timeout:g}s")
-        return
-    if "result" in delivery and m.group("result") != delivery["result"]:
-        fail(f"delivery result {delivery['result']}, got {m.group('result')} ({m.group('stat')})")
-    if "stat" in delivery and not re.search(delivery["stat"], m.group("stat")):
-        fail(f"delivery stat matching {delivery['stat']!r}, got {m.group('stat')!r}")
+        run.send(out)
+    except TargetError as exc:
+        return Submission(mail.sender, mail.recipients, mail.via, str(exc))
+    return Submission(mail.sender, mail.recipients, mail.via)
 
 
-def _retry_deferred(run: RelayRun, wanted: int, timeout: float, mark: int, fail: Any) -> None:
-    """Count smtpd's TempFails until the Ok, triggering each retry at once (`smtpctl schedule all`).
-
-    smtpd would retry by itself minutes later; the case is about how often the provider defers,
-    not about smtpd's back-off. Stops at the first Ok, or once one more deferral than expected
-    is seen.
-    """
-    seen = 0
-    while True:
-        try:
-            m = run.log.wait_for(DELIVERY, timeout, since=mark)
-        except TimeoutError:
-            fail(f"a delivery attempt within {timeout:g}s after {seen} deferral(s)")
-            return
-        result = m.group("result")
-        if result != "TempFail":
-            if result != "Ok":
-                fail(f"delivery after {wanted} deferral(s), got {result} ({m.group('stat')})")
-            elif seen != wanted:
-                fail(f"{wanted} deferral(s) before delivery, smtpd deferred it {seen} time(s)")
-            return
-        seen += 1
-        if seen > wanted:
-            fail(f"{wanted} deferral(s) before delivery, smtpd deferred it more often ({m.group('stat')})")
-            return
-        mark = run.log.mark()  # before the retry: its attempt is logged after this
-        run.target.control("schedule", "all")
-
-
-def _check_delivered_once(run: RelayRun, case: Case, expect: dict[str, Any], fail: Any) -> None:
-    """Each recipient accepted exactly once, and nothing left in smtpd's queue to come again.
-
-    The queue is read first: the upstream records a message before its 250 leaves, and smtpd
-    drops the envelope only after that 250, so every delivery that emptied the queue is counted.
-    """
-    wanted = set(expect.get("rcpt_to", [])) or {r for m in case.mails for r in m.recipients if "@" in r}
-    queue = run.target.queue()
-    accepted = [r for _, m in run.upstream.recorder.messages() if m.accepted for r in m.rcpt_to]
-    counts = {r: accepted.count(r) for r in sorted(wanted)}
-    if any(n != 1 for n in counts.values()):
-        fail(f"each recipient accepted exactly once by the upstream, counts: {counts}")
-    if any(r in queue for r in wanted):
-        fail(f"nothing left queued for {sorted(wanted)}; smtpctl show queue: {queue.strip()}")
-
-
-def _check_relayed(
-    run: RelayRun, case: Case, expect: dict[str, Any], timeout: float, fail: Any
-) -> SessionRecord | None:
-    relayed = expect.get("relayed")
-    wanted = set(expect.get("rcpt_to", [])) or {r for m in case.mails for r in m.recipients if "@" in r}
-    if relayed is True:
-        try:
-            session, _ = run.wait_relayed(timeout, lambda s, m: bool(wanted & set(m.rcpt_to)) or not wanted)
-            return session
-        except TimeoutError:
-            fail(f"the upstream to accept a message within {timeout:g}s")
-            return None
-    if relayed is False:
-        accepted = [m for _, m in run.upstream.recorder.messages() if m.accepted]
-        if accepted:
-            fail(f"nothing accepted by the upstream, but it accepted mail from {accepted[0].mail_from}")
-    sessions = run.upstream.recorder.sessions
-    return sessions[-1] if sessions else None
-
-
-def _check_session(run: RelayRun, session: SessionRecord | None, expect: dict[str, Any], fail: Any) -> None:
-    needs_session = {"tls", "auth", "mail_from", "rcpt_to"} & set(expect) or expect.get("auth_attempted")
-    if session is None:
-        if needs_session:
-            fail("a session at the upstream, but none was recorded")
-        return
-    if "tls" in expect and session.tls != expect["tls"]:
-        fail(f"TLS {expect['tls']}, the upstream saw {session.tls}")
-    attempts = [a for s in run.upstream.recorder.sessions for a in s.auth]
-    if "auth_attempted" in expect and bool(attempts) != expect["auth_attempted"]:
-        fail(f"AUTH {'attempted' if expect['auth_attempted'] else 'not attempted'}; attempts: {attempts}")
-    auth = expect.get("auth")
-    if auth is not None:
-        if not attempts:
-            fail(f"an AUTH attempt {auth}, none was made")
-        else:
-            last = attempts[-1]
-            for key in ("mechanism", "user", "success"):
-                if key in auth and getattr(last, key) != auth[key]:
-                    fail(f"AUTH {key} {auth[key]!r}, got {getattr(last, key)!r}")
-    messages = [m for m in session.messages if m.accepted] or list(session.messages)
-    if "mail_from" in expect:
-        senders = [m.mail_from for m in messages]
-        if expect["mail_from"] not in senders:
-            fail(f"MAIL FROM <{expect['mail_from']}>, the upstream saw {senders}")
-    if "rcpt_to" in expect:
-        rcpts = sorted({r for m in messages for r in m.rcpt_to})
-        if sorted(expect["rcpt_to"]) != rcpts:
-            fail(f"RCPT TO {sorted(expect['rcpt_to'])}, the upstream saw {rcpts}")
-
-
-def _evidence(run: RelayRun, mark: int) -> list[str]:
+def _evidence(run: RelayRun, obs: Observation) -> list[str]:
     out = [f"upstream: {run.upstream.recorder.summary()}"]
-    interesting = [line for line in run.log.lines[mark:] if not line.startswith("debug:")]
+    if obs.smtpd_exited:
+        out.append("smtpd exited during the case")
+    interesting = [line for line in obs.log if not line.startswith("debug:")]
     out.append("smtpd log (since the first message, debug lines left out):")
     out.extend(f"  {line}" for line in interesting[-25:])
+    if obs.queue.strip():
+        out.append(f"smtpctl show queue: {obs.queue.strip()}")
     return out
+
+
+@dataclass(frozen=True)
+class TwinVerdict:
+    """A twin judged by its positive's expectations: which of them its outcome fails."""
+
+    positive: str
+    discriminators: tuple[Mismatch, ...]
+
+    @property
+    def proves(self) -> bool:
+        return bool(self.discriminators)
+
+    def explain(self) -> str:
+        if not self.proves:
+            return f"this pair proves nothing: the twin satisfies every expectation of {self.positive}"
+        why = "; ".join(
+            f"{m.field} (positive wants {m.wanted}, twin saw {m.saw})" for m in self.discriminators
+        )
+        return f"twin discriminated by: {why}"
+
+
+def judge_twin(positive: Case, twin_observation: Observation) -> TwinVerdict:
+    """The positive's expectations judged on the twin's outcome: at least one must fail."""
+    return TwinVerdict(positive.name, tuple(evaluate(positive.expect, twin_observation)))
 
 
 INDEX_HEAD = """# Scenario library
@@ -670,10 +571,26 @@ twin: the same config broken in one place, and what must then be seen instead.
 Format (see `harness/scenarios.py`): top-level `config` (inline) or `config_file`, `[tables]`
 (content of each `table NAME`), `[upstream]` (a provider profile), `ca_files`, and `[[case]]`s
 with overrides (`config_replace`, `upstream`, `tables`, `stale_tables`), `send` (sendmail or smtp), and
-`[case.expect]`: `relayed`, `tls`, `auth`, `auth_attempted`, `mail_from`, `rcpt_to`, `log`,
-`log_absent`, `delivery`, `queue`, `mbox`, `bounce`, `submission_refused`, `upstream_reply`, `config_error`,
-`config_error_line`, `deferrals` (smtpd's TempFails before delivery, each retried at once with
-`smtpctl schedule all`), `delivered_once`.
+`[case.expect]` (see `harness/expectations.py`; each value's type is checked when the file loads):
+
+- `relayed` (true/false): the upstream accepted the mail sent / accepted nothing
+- `tls` (starttls, implicit, none), `mail_from`, `rcpt_to`: the session that relayed it
+- `auth` ({ mechanism, user, success }): the last AUTH attempt; `auth_attempted` (true/false)
+- `log`, `log_absent` (regular expressions): smtpd's log from the first message on
+- `delivery` ({ result = Ok, TempFail or PermFail, stat = regex, rcpt }): smtpd's first delivery attempt
+- `queue` (texts `smtpctl show queue` shows), `mbox` and `bounce` ({ user, contains }: a local
+  delivery, or smtpd's bounce from <>, and the mailbox's content)
+- `submission_refused` (regex: the submitting program is refused), `upstream_reply` (regex)
+- `config_error` (smtpd -n's message), `config_error_line`: smtpd refuses the config
+- `deferrals` (smtpd's TempFails before the delivery, each retry triggered at once with
+  `smtpctl schedule all`), `delivered_once` (each recipient accepted once, nothing left queued)
+- `timeout` (seconds, default 10)
+
+A case waits (on smtpd's log and the upstream's records, never a sleep) until what it expects to
+happen has happened, or the timeout; then what was seen is judged. Without `config_error` smtpd
+must accept the config, without `submission_refused` every submission must be accepted. A twin
+must also fail at least one expectation of its positive, judged on the twin's outcome (the report
+says which: `twin discriminated by: ...`); a twin that meets them all fails: the pair proves nothing.
 
 This index is generated: `relay-harness scenarios scenarios/ > scenarios/README.md`.
 """
@@ -681,13 +598,18 @@ This index is generated: `relay-harness scenarios scenarios/ > scenarios/README.
 
 def index_markdown(root: Path) -> str:
     """scenarios/README.md: one line a case, what it shows (kept equal to the files by a test)."""
+    if not root.is_dir():
+        why = "no such directory" if not root.exists() else "not a directory"
+        raise ScenarioError(str(root), None, "scenarios", f"{why} (give the scenario library's directory)")
+    paths = sorted(root.rglob("*.toml"))
+    if not paths:
+        raise ScenarioError(str(root), None, "scenarios", "no *.toml scenario files in this directory")
     out = [INDEX_HEAD]
-    for path in sorted(root.rglob("*.toml")):
+    for path in paths:
         scenario = load_scenario(path)
         out.append(f"## {path.relative_to(root).as_posix()}: {scenario.description}\n")
         for case in scenario.cases:
-            shown = {k: v for k, v in case.expect.items() if k != "timeout"}
-            what = case.description or ", ".join(f"{k} = {v!r}" for k, v in shown.items())
+            what = case.description or case.expect.toml()
             twin = f" *(twin of {case.twin_of})*" if case.twin_of else ""
             out.append(f"- `{case.name}`{twin}: {what}")
         out.append("")

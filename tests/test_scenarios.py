@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
+from harness.cli import main as cli_main
+from harness.expectations import ConfigError, Relayed, Tls
 from harness.scenarios import ScenarioError, index_markdown, load_scenario
 
 pytest_plugins = ["pytester"]
 LIBRARY = Path(__file__).parent.parent / "scenarios"
+TWIN_DATA = Path(__file__).parent / "data" / "twins"
 
 GOOD = '''
 description = "a small scenario"
@@ -58,6 +64,127 @@ def test_good_scenario_loads_with_cases_and_twins(tmp_path: Path) -> None:
     assert 'action "unbound"' in scenario.cases[1].config
     assert scenario.cases[0].markers == ("auth",)
     assert "pw-1" not in repr(scenario.cases[0].profile)
+
+
+def test_expectations_load_typed_and_frozen(tmp_path: Path) -> None:
+    scenario = load_scenario(write(tmp_path, GOOD))
+    relayed, refused = (c.expect for c in scenario.cases)
+    assert relayed.relayed == Relayed(True) and relayed.tls == Tls("starttls")
+    assert refused.config_error == ConfigError("no such dispatcher: outbound", 4)
+    assert relayed.wait_seconds == 10.0 and relayed.delivery is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        relayed.tls = None  # type: ignore[misc]
+    assert relayed.toml() == "relayed = true, tls = 'starttls'"
+
+
+def expect_lines(extra: str) -> str:
+    """GOOD with the first case's [case.expect] (file lines 21-22) followed by `extra` (line 23 on)."""
+    return GOOD.replace('tls = "starttls"\n', f'tls = "starttls"\n{extra}\n', 1)
+
+
+# Each wrong type is a collection error naming file, line and field (file lines: GOOD's text
+# starts with a newline, so the first case's [case.expect] is line 20, the second case line 24).
+WRONG_TYPES = {
+    "delivery.result = 5": (expect_lines("delivery = { result = 5 }"), 23, "expect.delivery.result"),
+    "delivery.result unknown": (
+        expect_lines('delivery = { result = "Delivered" }'),
+        23,
+        "expect.delivery.result",
+    ),
+    "delivery.stat bad regex": (expect_lines("delivery = { stat = '(' }"), 23, "expect.delivery.stat"),
+    "delivery unknown key": (expect_lines("delivery = { status = 'x' }"), 23, "expect.delivery.status"),
+    "mbox without user": (expect_lines('mbox = { contains = "x" }'), 23, "expect.mbox.user"),
+    "mbox not a table": (expect_lines('mbox = "alice"'), 23, "expect.mbox"),
+    "bounce.contains = 1": (
+        expect_lines('bounce = { user = "root", contains = 1 }'),
+        23,
+        "expect.bounce.contains",
+    ),
+    "relayed not a bool": (GOOD.replace("relayed = true", 'relayed = "yes"'), 21, "expect.relayed"),
+    "tls unknown mode": (GOOD.replace('tls = "starttls"', 'tls = "tls"'), 22, "expect.tls"),
+    "auth.success not a bool": (expect_lines('auth = { success = "yes" }'), 23, "expect.auth.success"),
+    "auth unknown key": (expect_lines("auth = { password = 'x' }"), 23, "expect.auth.password"),
+    "auth_attempted = 1": (expect_lines("auth_attempted = 1"), 23, "expect.auth_attempted"),
+    "mail_from = 5": (expect_lines("mail_from = 5"), 23, "expect.mail_from"),
+    "rcpt_to a string": (expect_lines('rcpt_to = "bob@example.com"'), 23, "expect.rcpt_to"),
+    "log a string": (expect_lines('log = "AUTH rejected"'), 23, "expect.log"),
+    "log_absent of numbers": (expect_lines("log_absent = [1]"), 23, "expect.log_absent"),
+    "queue of numbers": (expect_lines("queue = [1]"), 23, "expect.queue"),
+    "upstream_reply bad regex": (expect_lines("upstream_reply = '['"), 23, "expect.upstream_reply"),
+    "submission_refused = 5": (expect_lines("submission_refused = 5"), 23, "expect.submission_refused"),
+    "timeout = true": (expect_lines("timeout = true"), 23, "expect.timeout"),
+    "timeout too long": (expect_lines("timeout = 600"), 23, "expect.timeout"),
+    "config_error_line a string": (
+        GOOD.replace("config_error_line = 4", 'config_error_line = "4"'),
+        30,
+        "expect.config_error_line",
+    ),
+    "config_error_line alone": (expect_lines("config_error_line = 4"), 23, "expect.config_error_line"),
+    "config_error = 5": (
+        GOOD.replace('config_error = "no such dispatcher: outbound"', "config_error = 5"),
+        29,
+        "expect.config_error",
+    ),
+    "nothing to wait for": (GOOD.replace("relayed = true\n", "", 1), 20, "expect"),
+    "config_replace = 5": (
+        GOOD.replace("""config_replace = [['"outbound" relay', '"unbound" relay']]""", "config_replace = 5"),
+        27,
+        "config_replace",
+    ),
+    "config_replace pair of numbers": (
+        GOOD.replace("""[['"outbound" relay', '"unbound" relay']]""", "[[1, 2]]"),
+        27,
+        "config_replace",
+    ),
+    "top-level table the config lacks": (
+        GOOD.replace('secrets = "label', 'nosuch = "x"\nsecrets = "label'),
+        11,
+        "tables.nosuch",
+    ),
+    "case table the config lacks": (
+        GOOD.replace('name = "relayed"', 'name = "relayed"\ntables = { aliases = "root: alice" }'),
+        20,
+        "tables.aliases",
+    ),
+    "stale_tables of a file: table": (
+        GOOD.replace('name = "relayed"', 'name = "relayed"\nstale_tables = { secrets = "x" }'),
+        20,
+        "stale_tables.secrets",
+    ),
+    "twin_of = 5": (GOOD.replace('twin_of = "relayed"', "twin_of = 5"), 26, "twin_of"),
+    "twin_of itself": (GOOD.replace('twin_of = "relayed"', 'twin_of = "refused"'), 26, "twin_of"),
+    "case description = 5": (
+        GOOD.replace('name = "refused"', 'name = "refused"\ndescription = 5'),
+        26,
+        "description",
+    ),
+    "send.from = 5": (
+        GOOD.replace('name = "relayed"', 'name = "relayed"\nsend = { from = 5 }'),
+        20,
+        "send.from",
+    ),
+    "send.port = true": (
+        GOOD.replace('name = "relayed"', 'name = "relayed"\nsend = { port = true }'),
+        20,
+        "send.port",
+    ),
+    "secret_tables a string": (
+        GOOD.replace('markers = ["auth"]', 'markers = ["auth"]\nsecret_tables = "secrets"'),
+        4,
+        "secret_tables",
+    ),
+}
+
+
+@pytest.mark.parametrize(("broken", "line", "field"), WRONG_TYPES.values(), ids=WRONG_TYPES.keys())
+def test_wrong_types_are_collection_errors_naming_file_line_and_field(
+    tmp_path: Path, broken: str, line: int, field: str
+) -> None:
+    path = write(tmp_path, broken)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    assert (err.value.field, err.value.line) == (field, line), str(err.value)
+    assert str(err.value).startswith(f"{path}:{line}: {field}: ")
 
 
 @pytest.mark.parametrize(
@@ -139,11 +266,60 @@ def test_plugin_runs_cases_against_the_real_smtpd_and_shows_expected_vs_observed
     result = pytester.runpytest_subprocess("scenarios", "-p", "no:cacheprovider", "--junitxml=j.xml")
     result.assert_outcomes(passed=1, failed=1)
     out = result.stdout.str()
-    assert "expected config error 'no such table', got 'no such dispatcher: outbound'" in out
+    assert (
+        "config_error: expected smtpd -n to refuse the config with 'no such table', "
+        "saw 'no such dispatcher: outbound'"
+    ) in out
     assert "smtpd -n: /etc/smtpd.conf:4: no such dispatcher: outbound" in out
     assert "Traceback" not in out and "pw-1" not in out
     junit = (pytester.path / "j.xml").read_text()
     assert 'name="relayed"' in junit and 'name="refused"' in junit
+
+
+@pytest.mark.lab
+def test_a_twin_that_meets_every_expectation_of_its_positive_fails_as_proving_nothing(
+    pytester: pytest.Pytester, relay_lab: object
+) -> None:
+    (pytester.path / "scenarios").mkdir()
+    shutil.copy(TWIN_DATA / "proves_nothing.toml", pytester.path / "scenarios" / "pair.toml")
+    result = pytester.runpytest_subprocess("scenarios", "-p", "no:cacheprovider", "-v", "--junitxml=j.xml")
+    result.assert_outcomes(passed=2, failed=1)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*pair.toml::breaks-nothing FAILED*",
+            "*this pair proves nothing: the twin satisfies every expectation of relays",
+            "*pair.toml::no-starttls: twin discriminated by: relayed (positive wants the upstream to accept "
+            "the mail, twin saw nothing accepted); tls (positive wants TLS starttls, twin saw TLS none)",
+            "2 twin pair(s): 1 discriminate, 1 prove nothing",
+        ]
+    )
+    assert "Traceback" not in out and "twin-pw-1" not in out
+    cases = {c.get("name"): c for c in ElementTree.parse(pytester.path / "j.xml").iter("testcase")}
+    verdicts = {
+        name: [p.get("value") for p in case.iter("property") if p.get("name") == "twin_verdict"]
+        for name, case in cases.items()
+    }
+    assert verdicts["relays"] == []
+    assert verdicts["breaks-nothing"] == [
+        "this pair proves nothing: the twin satisfies every expectation of relays"
+    ]
+    assert str(verdicts["no-starttls"][0]).startswith("twin discriminated by: relayed (")
+
+
+def test_scenarios_index_of_a_missing_directory_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["scenarios", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    missing = tmp_path / "missing"
+    assert (
+        err
+        == f"relay-harness: {missing}: scenarios: no such directory (give the scenario library's directory)\n"
+    )
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["scenarios", str(tmp_path / "empty")]) == 2
+    assert "no *.toml scenario files" in capsys.readouterr().err
 
 
 def test_every_library_file_has_a_broken_twin_and_is_indexed() -> None:

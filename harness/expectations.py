@@ -1,0 +1,678 @@
+"""What a scenario case must see, typed and frozen, and the judge that compares it with what was seen.
+
+Each `[case.expect]` key is one group (a small frozen dataclass) that knows three things: how to
+judge an Observation (`judge`, returning mismatches, never waiting), whether the event it needs
+has not happened yet (`pending`, which drives event-driven waiting), and how it is written in
+TOML (for the generated index). Keeping judging free of waiting is what lets a twin's observed
+outcome be judged by its positive's expectations without running smtpd again.
+
+Parsing validates types at load time; a wrong type is a ScenarioError naming file, line and
+field, never a traceback at run time. A per-release override is another `Expectations` parsed
+by the same function and laid over the base with `overridden_by`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast, get_args
+
+from harness.observation import DeliveryLine, Observation
+from harness.targets.base import ConfigCheck
+from harness.upstream.record import MessageRecord, TlsMode
+
+DEFAULT_TIMEOUT = 10.0
+MAX_TIMEOUT = 60.0
+MAX_DEFERRALS = 10  # expect.deferrals: retries the harness triggers, bounded like everything else
+DELIVERY_RESULTS = ("Ok", "TempFail", "PermFail")  # what smtpd 6.8 logs (mta.c, mda.c)
+TLS_MODES: tuple[str, ...] = get_args(TlsMode)
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """One expectation that the observation does not meet, in words a person can act on."""
+
+    field: str  # the [case.expect] key, dotted for a sub-key: "tls", "delivery.result"
+    wanted: str
+    saw: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: expected {self.wanted}, saw {self.saw}"
+
+
+def _toml(value: object) -> str:
+    """A value as it would be written in a scenario file (for the generated index)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, str):
+        if "'" not in value and "\n" not in value:
+            return f"'{value}'"
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+class Expectation:
+    """One group of a case's expectations; subclasses are frozen slotted dataclasses."""
+
+    __slots__ = ()
+    key: ClassVar[str]
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        raise NotImplementedError
+
+    def pending(self, obs: Observation) -> bool:
+        """True while the event this group needs has not been seen (only log and records count)."""
+        return False
+
+    def _values(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def inline(self) -> str:
+        """The group's value in TOML: `true`, `'starttls'`, `{ user = 'alice' }`."""
+        values = self._values()
+        if list(values) == ["value"]:
+            return _toml(values["value"])
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in values.items() if v is not None) + " }"
+
+    def toml(self) -> str:
+        return f"{self.key} = {self.inline()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed(Expectation):
+    key: ClassVar[str] = "relayed"
+    value: bool
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        relayed = obs.relayed_message()
+        if self.value and relayed is None:
+            return [Mismatch(self.key, "the upstream to accept the mail", "nothing accepted")]
+        accepted = obs.accepted_messages()
+        if not self.value and accepted:
+            m = accepted[0]
+            saw = f"it accepted mail from <{m.mail_from}> to {', '.join(m.rcpt_to)}"
+            return [Mismatch(self.key, "nothing accepted by the upstream", saw)]
+        return []
+
+    def pending(self, obs: Observation) -> bool:
+        return self.value and obs.relayed_message() is None
+
+
+@dataclass(frozen=True, slots=True)
+class Tls(Expectation):
+    key: ClassVar[str] = "tls"
+    value: TlsMode
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        session = obs.relay_session()
+        if session is None:
+            return [Mismatch(self.key, f"TLS {self.value}", "no session at the upstream")]
+        if session.tls != self.value:
+            return [Mismatch(self.key, f"TLS {self.value}", f"TLS {session.tls}")]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(Expectation):
+    """The last AUTH attempt at the upstream (its mechanism, user, and whether it succeeded)."""
+
+    key: ClassVar[str] = "auth"
+    mechanism: str | None = None
+    user: str | None = None
+    success: bool | None = None
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        attempts = obs.auth_attempts()
+        if not attempts:
+            return [Mismatch(self.key, f"an AUTH attempt {self.inline()}", "none")]
+        last = attempts[-1]
+        out = []
+        for name in ("mechanism", "user", "success"):
+            wanted, got = getattr(self, name), getattr(last, name)
+            if wanted is not None and wanted != got:
+                out.append(Mismatch(f"auth.{name}", f"AUTH {name} {wanted!r}", repr(got)))
+        return out
+
+    def pending(self, obs: Observation) -> bool:
+        return not obs.auth_attempts()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAttempted(Expectation):
+    key: ClassVar[str] = "auth_attempted"
+    value: bool
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        attempts = obs.auth_attempts()
+        if bool(attempts) == self.value:
+            return []
+        if self.value:
+            return [Mismatch(self.key, "an AUTH attempt", "none")]
+        users = ", ".join(f"{a.mechanism} as {a.user}" for a in attempts)
+        return [Mismatch(self.key, "no AUTH attempt", f"AUTH {users}")]
+
+
+def _session_messages(obs: Observation) -> list[MessageRecord] | None:
+    session = obs.relay_session()
+    if session is None:
+        return None
+    return [m for m in session.messages if m.accepted] or list(session.messages)
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom(Expectation):
+    key: ClassVar[str] = "mail_from"
+    value: str
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        messages = _session_messages(obs)
+        if messages is None:
+            return [Mismatch(self.key, f"MAIL FROM <{self.value}>", "no session at the upstream")]
+        senders = [m.mail_from for m in messages]
+        if self.value not in senders:
+            saw = ", ".join(f"<{s}>" for s in senders) or "no MAIL FROM"
+            return [Mismatch(self.key, f"MAIL FROM <{self.value}>", saw)]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo(Expectation):
+    """Exactly these recipients at the upstream, in the session that relayed the mail."""
+
+    key: ClassVar[str] = "rcpt_to"
+    value: tuple[str, ...]
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        wanted = sorted(set(self.value))
+        messages = _session_messages(obs)
+        if messages is None:
+            return [Mismatch(self.key, f"RCPT TO {wanted}", "no session at the upstream")]
+        got = sorted({r for m in messages for r in m.rcpt_to})
+        return [] if got == wanted else [Mismatch(self.key, f"RCPT TO {wanted}", f"RCPT TO {got}")]
+
+
+@dataclass(frozen=True, slots=True)
+class Log(Expectation):
+    """Each pattern matches some line smtpd logged after the first submission."""
+
+    key: ClassVar[str] = "log"
+    value: tuple[str, ...]
+
+    def _missing(self, obs: Observation) -> list[str]:
+        return [p for p in self.value if not any(re.search(p, line) for line in obs.log)]
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        return [Mismatch(self.key, f"a log line matching {p!r}", "no such line") for p in self._missing(obs)]
+
+    def pending(self, obs: Observation) -> bool:
+        return bool(self._missing(obs))
+
+
+@dataclass(frozen=True, slots=True)
+class LogAbsent(Expectation):
+    key: ClassVar[str] = "log_absent"
+    value: tuple[str, ...]
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        out = []
+        for pattern in self.value:
+            hit = next((line for line in obs.log if re.search(pattern, line)), None)
+            if hit is not None:
+                out.append(Mismatch(self.key, f"no log line matching {pattern!r}", repr(hit)))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery(Expectation):
+    """smtpd's first delivery attempt (to `rcpt`, if given): its result and status text."""
+
+    key: ClassVar[str] = "delivery"
+    result: str | None = None
+    stat: str | None = None  # a regular expression
+    rcpt: str | None = None
+
+    def _first(self, obs: Observation) -> DeliveryLine | None:
+        return next((d for d in obs.deliveries if self.rcpt is None or d.rcpt == self.rcpt), None)
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        first = self._first(obs)
+        if first is None:
+            what = f"a delivery attempt to {self.rcpt}" if self.rcpt else "a delivery attempt"
+            return [Mismatch(self.key, what, "none logged")]
+        out = []
+        if self.result is not None and first.result != self.result:
+            saw = f"{first.result} ({first.stat})"
+            out.append(Mismatch("delivery.result", f"delivery result {self.result}", saw))
+        if self.stat is not None and not re.search(self.stat, first.stat):
+            out.append(Mismatch("delivery.stat", f"delivery stat matching {self.stat!r}", repr(first.stat)))
+        return out
+
+    def pending(self, obs: Observation) -> bool:
+        return self._first(obs) is None
+
+
+@dataclass(frozen=True, slots=True)
+class Deferrals(Expectation):
+    """smtpd deferred the relayed mail exactly `value` times (TempFail) before delivering it (Ok).
+
+    smtpd would retry by itself minutes later; the case is about how often the provider defers,
+    not about smtpd's back-off, so the run triggers each retry at once (`retries_due`).
+    """
+
+    key: ClassVar[str] = "deferrals"
+    value: int
+
+    def _attempts(self, obs: Observation) -> tuple[int, DeliveryLine | None]:
+        """The TempFails before the first other result, and that result (None: not yet)."""
+        seen = 0
+        for line in obs.deliveries:
+            if line.agent != "mta":
+                continue
+            if line.result != "TempFail":
+                return seen, line
+            seen += 1
+        return seen, None
+
+    def retries_due(self, obs: Observation) -> int:
+        """How many retries the run should have triggered by now: one per deferral expected."""
+        seen, final = self._attempts(obs)
+        return min(seen, self.value) if final is None else 0
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        seen, final = self._attempts(obs)
+        wanted = f"{self.value} deferral(s) before delivery"
+        if final is None and seen > self.value:
+            return [Mismatch(self.key, wanted, f"smtpd deferred it more often ({seen} times)")]
+        if final is None:
+            return [Mismatch(self.key, wanted, f"no delivery after {seen} deferral(s)")]
+        if final.result != "Ok":
+            saw = f"{final.result} ({final.stat}) after {seen} deferral(s)"
+            return [Mismatch(self.key, f"delivery after {self.value} deferral(s)", saw)]
+        if seen != self.value:
+            return [Mismatch(self.key, wanted, f"smtpd deferred it {seen} time(s)")]
+        return []
+
+    def pending(self, obs: Observation) -> bool:
+        seen, final = self._attempts(obs)
+        return final is None and seen <= self.value
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveredOnce(Expectation):
+    """Each recipient accepted exactly once by the upstream, and nothing left queued to come again.
+
+    The observation reads the queue before the upstream's records: the upstream records a message
+    before its 250 leaves, and smtpd drops the envelope only after that 250, so every delivery
+    that emptied the queue is counted.
+    """
+
+    key: ClassVar[str] = "delivered_once"
+    value: bool = True
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        accepted = [r for m in obs.accepted_messages() for r in m.rcpt_to]
+        wanted = sorted(obs.sent_recipients or set(accepted))
+        counts = {r: accepted.count(r) for r in wanted}
+        out = []
+        if not wanted or any(n != 1 for n in counts.values()):
+            saw = f"counts: {counts}" if wanted else "nothing accepted"
+            out.append(Mismatch(self.key, "each recipient accepted exactly once by the upstream", saw))
+        queued = [r for r in wanted if r in obs.queue]
+        if queued:
+            saw = f"smtpctl show queue: {obs.queue.strip()}"
+            out.append(Mismatch(self.key, f"nothing left queued for {queued}", saw))
+        return out
+
+    def pending(self, obs: Observation) -> bool:
+        return not any(d.agent == "mta" and d.result == "Ok" for d in obs.deliveries)
+
+
+@dataclass(frozen=True, slots=True)
+class Queue(Expectation):
+    """Each text appears in `smtpctl show queue` (the mail is still queued)."""
+
+    key: ClassVar[str] = "queue"
+    value: tuple[str, ...]
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        shown = obs.queue.strip() or "(empty)"
+        return [
+            Mismatch(self.key, f"the queue to show {t!r}", f"smtpctl show queue: {shown}")
+            for t in self.value
+            if t not in obs.queue
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Mbox(Expectation):
+    """A local delivery to `user` logged, and the user's mbox containing `contains`."""
+
+    key: ClassVar[str] = "mbox"
+    user: str
+    contains: str = ""
+    what: ClassVar[str] = "local delivery"
+
+    def _sender_ok(self, sender: str) -> bool:
+        return True
+
+    def _delivered(self, obs: Observation) -> bool:
+        return any(
+            d.agent == "mda" and d.user == self.user and self._sender_ok(d.sender) for d in obs.deliveries
+        )
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        out = []
+        if not self._delivered(obs):
+            out.append(Mismatch(self.key, f"a {self.what} to {self.user}", "none logged"))
+        content = obs.mailbox(self.user)
+        wanted = f"{self.user}'s mailbox to contain {self.contains or 'mail'!r}"
+        if content is None:
+            out.append(Mismatch(f"{self.key}.contains", wanted, "the mailbox was not looked at"))
+        elif not content or self.contains not in content:
+            saw = "an empty mailbox" if not content else "a mailbox without it"
+            out.append(Mismatch(f"{self.key}.contains", wanted, saw))
+        return out
+
+    def pending(self, obs: Observation) -> bool:
+        return not self._delivered(obs)
+
+
+@dataclass(frozen=True, slots=True)
+class Bounce(Mbox):
+    """smtpd's own report (from the null sender <>) delivered to the local sender `user`."""
+
+    key: ClassVar[str] = "bounce"
+    what: ClassVar[str] = "bounce"
+
+    def _sender_ok(self, sender: str) -> bool:
+        return sender == ""
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionRefused(Expectation):
+    """The submitting program (sendmail, or an SMTP client) is refused, with this text."""
+
+    key: ClassVar[str] = "submission_refused"
+    value: str  # a regular expression
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        refusals = obs.refusals()
+        if any(re.search(self.value, r) for r in refusals):
+            return []
+        saw = "; ".join(refusals) if refusals else "every submission accepted"
+        return [Mismatch(self.key, f"the submission refused with {self.value!r}", saw)]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply(Expectation):
+    key: ClassVar[str] = "upstream_reply"
+    value: str  # a regular expression
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        if self.pending(obs):
+            last = list(obs.replies()[-5:])
+            return [Mismatch(self.key, f"the upstream to reply {self.value!r}", f"replies {last}")]
+        return []
+
+    def pending(self, obs: Observation) -> bool:
+        return not any(re.search(self.value, r) for r in obs.replies())
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigError(Expectation):
+    """`smtpd -n` refuses the config with this message (on this line, if given)."""
+
+    key: ClassVar[str] = "config_error"
+    message: str
+    line: int | None = None
+
+    def judge(self, obs: Observation) -> list[Mismatch]:
+        check = obs.config
+        wanted = f"smtpd -n to refuse the config with {self.message!r}"
+        if check.ok:
+            return [Mismatch(self.key, wanted, "smtpd -n accept it")]
+        out = []
+        if self.message not in (check.message or ""):
+            out.append(Mismatch(self.key, wanted, repr(check.message)))
+        if self.line is not None and check.line != self.line:
+            saw = f"smtpd blamed line {check.line}"
+            out.append(Mismatch("config_error_line", f"the error on line {self.line}", saw))
+        return out
+
+    def toml(self) -> str:
+        text = f"{self.key} = {_toml(self.message)}"
+        return text if self.line is None else f"{text}, config_error_line = {self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Expectations:
+    """A case's expectations: each group or None (not expected), and how long to wait for them.
+
+    Groups not given are not judged, with two implicit exceptions: without `config_error` smtpd
+    must accept the config, and without `submission_refused` every submission must be accepted.
+    """
+
+    config_error: ConfigError | None = None
+    submission_refused: SubmissionRefused | None = None
+    relayed: Relayed | None = None
+    tls: Tls | None = None
+    auth: Auth | None = None
+    auth_attempted: AuthAttempted | None = None
+    mail_from: MailFrom | None = None
+    rcpt_to: RcptTo | None = None
+    log: Log | None = None
+    log_absent: LogAbsent | None = None
+    delivery: Delivery | None = None
+    queue: Queue | None = None
+    mbox: Mbox | None = None
+    bounce: Bounce | None = None
+    upstream_reply: UpstreamReply | None = None
+    deferrals: Deferrals | None = None
+    delivered_once: DeliveredOnce | None = None
+    timeout: float | None = None  # seconds to wait for the pending groups; None: DEFAULT_TIMEOUT
+
+    def groups(self) -> Iterator[Expectation]:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Expectation):
+                yield value
+
+    @property
+    def wait_seconds(self) -> float:
+        return DEFAULT_TIMEOUT if self.timeout is None else self.timeout
+
+    @property
+    def mailbox_users(self) -> frozenset[str]:
+        return frozenset(box.user for box in (self.mbox, self.bounce) if box is not None)
+
+    def pending(self, obs: Observation) -> bool:
+        return any(group.pending(obs) for group in self.groups())
+
+    def retries_due(self, obs: Observation) -> int:
+        """Retries (`smtpctl schedule all`) the run should have triggered by now (see Deferrals)."""
+        return self.deferrals.retries_due(obs) if self.deferrals is not None else 0
+
+    def overridden_by(self, other: Expectations) -> Expectations:
+        """These expectations with every group `other` gives replaced (a per-release override)."""
+        given = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)}
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def toml(self) -> str:
+        return ", ".join(group.toml() for group in self.groups())
+
+
+def evaluate(expect: Expectations, obs: Observation) -> list[Mismatch]:
+    """Every expectation the observation does not meet; empty when it meets them all. Never waits."""
+    if expect.config_error is not None:
+        return expect.config_error.judge(obs)
+    if not obs.config.ok:
+        saw = f"smtpd -n refuse it ({obs.config.message or obs.config.output})"
+        return [Mismatch("config", "smtpd -n to accept the config", saw)]
+    out: list[Mismatch] = []
+    if expect.submission_refused is None:
+        out.extend(Mismatch("send", "the submission accepted", r) for r in obs.refusals())
+    for group in expect.groups():
+        out.extend(group.judge(obs))
+    return out
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+
+Fail = Callable[[str, str], Exception]  # (dotted field, message) → the error to raise, located
+_PARSERS: dict[str, Callable[[_Reader, str], Any]] = {
+    "relayed": lambda r, k: Relayed(r.flag(k)),
+    "tls": lambda r, k: Tls(cast(TlsMode, r.choice(k, TLS_MODES))),
+    "auth": lambda r, k: r.table(k, Auth),
+    "auth_attempted": lambda r, k: AuthAttempted(r.flag(k)),
+    "mail_from": lambda r, k: MailFrom(r.text(k, empty_ok=True)),
+    "rcpt_to": lambda r, k: RcptTo(r.str_list(k)),
+    "log": lambda r, k: Log(r.regex_list(k)),
+    "log_absent": lambda r, k: LogAbsent(r.regex_list(k)),
+    "delivery": lambda r, k: r.table(k, Delivery),
+    "queue": lambda r, k: Queue(r.str_list(k)),
+    "mbox": lambda r, k: r.table(k, Mbox),
+    "bounce": lambda r, k: r.table(k, Bounce),
+    "submission_refused": lambda r, k: SubmissionRefused(r.regex(k)),
+    "upstream_reply": lambda r, k: UpstreamReply(r.regex(k)),
+    "deferrals": lambda r, k: Deferrals(r.whole(k, minimum=0, maximum=MAX_DEFERRALS)),
+    "delivered_once": lambda r, k: DeliveredOnce(r.true(k)),
+    "timeout": lambda r, k: r.seconds(k, MAX_TIMEOUT),
+}
+KEYS = (*(f.name for f in dataclasses.fields(Expectations)), "config_error_line")
+
+
+def parse_expectations(raw: Mapping[str, Any], fail: Fail, prefix: str = "expect") -> Expectations:
+    """The typed groups of one `[case.expect]` table (types only; `validate` checks the whole)."""
+    for key in raw:
+        if key not in KEYS:
+            raise fail(f"{prefix}.{key}", f"unknown field; known: {', '.join(sorted(KEYS))}")
+    reader = _Reader(raw, fail, prefix)
+    groups = {key: parse(reader, key) for key, parse in _PARSERS.items() if key in raw}
+    if "config_error_line" in raw and "config_error" not in raw:
+        raise fail(f"{prefix}.config_error_line", "needs config_error (the message smtpd -n prints)")
+    if "config_error" in raw:
+        line = reader.whole("config_error_line", minimum=1) if "config_error_line" in raw else None
+        groups["config_error"] = ConfigError(reader.text("config_error"), line)
+    return Expectations(**groups)
+
+
+def validate(expect: Expectations, fail: Fail, prefix: str = "expect") -> None:
+    """Rules over the whole table: a case must wait on something, a refused config sends nothing."""
+    if expect.config_error is not None:
+        others = [g.key for g in expect.groups() if g is not expect.config_error]
+        if others or expect.timeout is not None:
+            raise fail(f"{prefix}.config_error", "a refused config sends nothing: expect nothing else")
+        return
+    for group in (expect.deferrals, expect.delivered_once):
+        if group is not None and expect.relayed != Relayed(True):
+            raise fail(f"{prefix}.{group.key}", "needs relayed = true (it counts a relayed message)")
+    if expect.submission_refused is not None:
+        return
+    if not expect.pending(Observation(ConfigCheck(True, ""))):
+        raise fail(
+            f"{prefix}.relayed" if expect.relayed is not None else prefix,
+            "nothing to wait for: add relayed = true, or a log, delivery, auth, mbox or bounce "
+            "expectation (relayed = false, queue, tls and log_absent are judged once that is seen)",
+        )
+
+
+class _Reader:
+    """Typed reads of one table's values; a wrong type raises the located error."""
+
+    def __init__(self, raw: Mapping[str, Any], fail: Fail, prefix: str) -> None:
+        self.raw, self.fail, self.prefix = raw, fail, prefix
+
+    def _error(self, key: str, message: str) -> Exception:
+        return self.fail(f"{self.prefix}.{key}", message)
+
+    def flag(self, key: str) -> bool:
+        value = self.raw[key]
+        if not isinstance(value, bool):
+            raise self._error(key, f"must be true or false, not {_toml(value)}")
+        return value
+
+    def text(self, key: str, empty_ok: bool = False) -> str:
+        value = self.raw[key]
+        if not isinstance(value, str) or not (value or empty_ok):
+            raise self._error(key, f"must be a non-empty string, not {_toml(value)}")
+        return value
+
+    def whole(self, key: str, minimum: int, maximum: int | None = None) -> int:
+        value = self.raw[key]
+        too_big = maximum is not None and isinstance(value, int) and value > maximum
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_big:
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+            raise self._error(key, f"must be a whole number {bounds}, not {_toml(value)}")
+        return value
+
+    def true(self, key: str) -> bool:
+        if not self.flag(key):
+            raise self._error(key, "false checks nothing: leave it out, or say true")
+        return True
+
+    def seconds(self, key: str, maximum: float) -> float:
+        value = self.raw[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= maximum:
+            raise self._error(key, f"must be seconds between 0 and {maximum:g}, not {_toml(value)}")
+        return float(value)
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self.raw[key]
+        if value not in choices:
+            raise self._error(key, f"must be one of {', '.join(choices)}, not {_toml(value)}")
+        return str(value)
+
+    def str_list(self, key: str) -> tuple[str, ...]:
+        value = self.raw[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self._error(key, f"must be a list of strings, not {_toml(value)}")
+        return tuple(value)
+
+    def regex(self, key: str) -> str:
+        pattern = self.text(key)
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise self._error(key, f"bad regular expression {pattern!r}: {exc}") from None
+        return pattern
+
+    def regex_list(self, key: str) -> tuple[str, ...]:
+        patterns = self.str_list(key)
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise self._error(key, f"bad regular expression {pattern!r}: {exc}") from None
+        return patterns
+
+    def table(self, key: str, cls: type[Expectation]) -> Any:
+        value = self.raw[key]
+        if not isinstance(value, dict):
+            raise self._error(key, f"must be a table {{ ... }}, not {_toml(value)}")
+        sub = _Reader(value, self.fail, f"{self.prefix}.{key}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for name in value:
+            if name not in fields:
+                raise sub._error(name, f"unknown field; known: {', '.join(fields)}")
+        for name, f in fields.items():
+            if f.default is dataclasses.MISSING and name not in value:
+                raise sub._error(name, f"{key} needs {name}")
+        kwargs: dict[str, Any] = {}
+        for name in value:
+            if name == "success":
+                kwargs[name] = sub.flag(name)
+            elif name == "result":
+                kwargs[name] = sub.choice(name, DELIVERY_RESULTS)
+            elif name == "stat":
+                kwargs[name] = sub.regex(name)
+            else:
+                kwargs[name] = sub.text(name)
+        return cls(**kwargs)
