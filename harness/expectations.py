@@ -360,13 +360,11 @@ class Mbox(Expectation):
     contains: str = ""
     what: ClassVar[str] = "local delivery"
 
-    def _sender_ok(self, sender: str) -> bool:
-        return True
+    def _deliveries(self, obs: Observation) -> tuple[DeliveryLine, ...]:
+        return tuple(d for d in obs.deliveries if d.agent == "mda")
 
     def _delivered(self, obs: Observation) -> bool:
-        return any(
-            d.agent == "mda" and d.user == self.user and self._sender_ok(d.sender) for d in obs.deliveries
-        )
+        return any(d.user == self.user for d in self._deliveries(obs))
 
     def judge(self, obs: Observation) -> list[Mismatch]:
         out = []
@@ -392,8 +390,8 @@ class Bounce(Mbox):
     key: ClassVar[str] = "bounce"
     what: ClassVar[str] = "bounce"
 
-    def _sender_ok(self, sender: str) -> bool:
-        return sender == ""
+    def _deliveries(self, obs: Observation) -> tuple[DeliveryLine, ...]:
+        return obs.bounces
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,6 +103,11 @@ class Observation:
     def replies(self) -> tuple[str, ...]:
         return tuple(r for s in self.sessions for r in s.replies)
 
+    @property
+    def bounces(self) -> tuple[DeliveryLine, ...]:
+        """smtpd's own reports (from the null sender <>) delivered to a local user."""
+        return tuple(d for d in self.deliveries if d.agent == "mda" and d.sender == "")
+
     def mailbox(self, user: str) -> str | None:
         """The user's mbox as text; None when this observation did not look at it."""
         return self.mailboxes.get(user)
