@@ -305,6 +305,14 @@ def test_a_twin_that_meets_every_expectation_of_its_positive_fails_as_proving_no
         "this pair proves nothing: the twin satisfies every expectation of relays"
     ]
     assert str(verdicts["no-starttls"][0]).startswith("twin discriminated by: relayed (")
+    # The positive's expectations come from the scenario data: the twin is judged the same when
+    # the positive does not run at all, and on another xdist worker.
+    alone = pytester.runpytest_subprocess("scenarios", "-p", "no:cacheprovider", "-k", "breaks-nothing")
+    alone.assert_outcomes(failed=1)
+    alone.stdout.fnmatch_lines(["*this pair proves nothing: the twin satisfies every expectation of relays"])
+    spread = pytester.runpytest_subprocess("scenarios", "-p", "no:cacheprovider", "-n", "2")
+    spread.assert_outcomes(passed=2, failed=1)
+    spread.stdout.fnmatch_lines(["2 twin pair(s): 1 discriminate, 1 prove nothing"])
 
 
 def test_scenarios_index_of_a_missing_directory_is_a_usage_error(
