@@ -11,6 +11,8 @@ from harness.expectations import (
     AuthAttempted,
     Bounce,
     ConfigError,
+    Deferrals,
+    DeliveredOnce,
     Delivery,
     Expectations,
     Log,
@@ -186,6 +188,41 @@ def test_mbox_needs_the_delivery_and_the_content_and_a_bounce_comes_from_the_nul
     assert fields(evaluate(Expectations(bounce=Bounce("alice")), obs)) == ["bounce"]
     bounced = Observation(ACCEPTED, SENT, log=(BOUNCE_LINE,), mailboxes={"alice": "550 5.1.8 rejected"})
     assert evaluate(Expectations(bounce=Bounce("alice", "550 5.1.8")), bounced) == []
+
+
+def test_deferrals_count_tempfails_before_the_delivery_and_say_when_to_retry() -> None:
+    two = Observation(ACCEPTED, SENT, log=(TEMPFAIL_LINE, TEMPFAIL_LINE, RELAYED_LINE))
+    assert evaluate(Expectations(deferrals=Deferrals(2)), two) == []
+    assert [str(m) for m in evaluate(Expectations(deferrals=Deferrals(1)), two)] == [
+        "deferrals: expected 1 deferral(s) before delivery, saw smtpd deferred it 2 time(s)"
+    ]
+    deferred = Observation(ACCEPTED, SENT, log=(TEMPFAIL_LINE, TEMPFAIL_LINE))
+    expect = Expectations(deferrals=Deferrals(1))
+    assert "more often" in evaluate(expect, deferred)[0].saw
+    assert not expect.pending(deferred)  # one deferral too many: stop waiting, it has failed
+    assert Expectations(deferrals=Deferrals(2)).pending(deferred)
+    # Each deferral expected is retried at once; none once the mail is delivered.
+    assert Expectations(deferrals=Deferrals(2)).retries_due(deferred) == 2
+    assert Expectations(deferrals=Deferrals(1)).retries_due(deferred) == 1
+    assert Expectations(deferrals=Deferrals(2)).retries_due(two) == 0
+    permfail = Observation(ACCEPTED, SENT, log=(TEMPFAIL_LINE.replace("TempFail", "PermFail"),))
+    assert (
+        evaluate(Expectations(deferrals=Deferrals(0)), permfail)[0].wanted == "delivery after 0 deferral(s)"
+    )
+
+
+def test_delivered_once_counts_each_recipient_and_reads_the_queue() -> None:
+    once = Observation(ACCEPTED, SENT, (session(messages=(message(),)),), (RELAYED_LINE,))
+    assert evaluate(Expectations(delivered_once=DeliveredOnce()), once) == []
+    twice = Observation(ACCEPTED, SENT, (session(messages=(message(), message())),), (RELAYED_LINE,))
+    assert [m.saw for m in evaluate(Expectations(delivered_once=DeliveredOnce()), twice)] == [
+        "counts: {'bob@example.com': 2}"
+    ]
+    queued = Observation(ACCEPTED, SENT, once.sessions, once.log, queue="1|local|mta|bob@example.com|...")
+    assert [m.wanted for m in evaluate(Expectations(delivered_once=DeliveredOnce()), queued)] == [
+        "nothing left queued for ['bob@example.com']"
+    ]
+    assert Expectations(delivered_once=DeliveredOnce()).pending(NOTHING)
 
 
 def test_implicit_expectations_config_accepted_and_submissions_accepted() -> None:

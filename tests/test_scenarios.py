@@ -112,6 +112,13 @@ WRONG_TYPES = {
     "queue of numbers": (expect_lines("queue = [1]"), 23, "expect.queue"),
     "upstream_reply bad regex": (expect_lines("upstream_reply = '['"), 23, "expect.upstream_reply"),
     "submission_refused = 5": (expect_lines("submission_refused = 5"), 23, "expect.submission_refused"),
+    "deferrals too many": (expect_lines("deferrals = 11"), 23, "expect.deferrals"),
+    "deferrals without relayed": (
+        GOOD.replace("relayed = true\n", "deferrals = 1\n", 1),
+        21,
+        "expect.deferrals",
+    ),
+    "delivered_once = false": (expect_lines("delivered_once = false"), 23, "expect.delivered_once"),
     "timeout = true": (expect_lines("timeout = true"), 23, "expect.timeout"),
     "timeout too long": (expect_lines("timeout = 600"), 23, "expect.timeout"),
     "config_error_line a string": (
