@@ -69,9 +69,11 @@ def relay_run(
     attach before anything else runs there; then the bundle, the names, the CA, `smtpd -n`, and
     a fresh smtpd.
     """
-    host, port = target.upstream_listen()
-    with UpstreamServer(profile, pki, host, port, allowed_peers=target.upstream_peers()) as upstream:
-        target.attach_upstream(upstream.host, upstream.port)
+    where = target.upstream_listen()
+    host, port = where or ("127.0.0.1", None)
+    peers = target.upstream_peers()
+    with UpstreamServer(profile, pki, host, port, allowed_peers=peers, listen=where is not None) as upstream:
+        target.attach_upstream(upstream)
         target.install(bundle)
         target.point((profile.host, *extra_names), target.upstream_address())
         target.trust(pki.ca_pem)

@@ -117,13 +117,14 @@ def leftovers(host: LabHost, dirs: list[str]) -> list[str]:
 def dirs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The temp dirs of the sandboxes this test's runs start, as the harness names them."""
     from harness.targets.sandbox import Sandbox
+    from harness.upstream import UpstreamServer
 
     seen: list[str] = []
     real_attach = Sandbox.attach
 
-    def attach_and_record(self: Sandbox, host: str, port: int) -> None:
+    def attach_and_record(self: Sandbox, upstream: UpstreamServer) -> None:
         try:
-            real_attach(self, host, port)
+            real_attach(self, upstream)
         finally:
             if self.dir is not None:
                 seen.append(self.dir)

@@ -135,10 +135,12 @@ def test_no_listener_on_the_host_and_no_way_in_for_another_user(
     relay_lab: Lab, lab_host: LabHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While a probe relays, the host has exactly the listeners it had (the sandbox's connections
-    go over SSH channels, not a tunnel port), and user nobody cannot enter the sandbox's network
-    namespace, where the forwarder listens."""
+    go over SSH channels, not a tunnel port), user nobody cannot enter the sandbox's network
+    namespace, where the forwarder listens, and the upstream here listens on no port at all (each
+    connection is handed to it in-process)."""
     import harness.probes
     from harness.targets.sandbox import Sandbox
+    from harness.upstream import UpstreamServer
 
     target = make_real(lab_host)
     before = target.check(LISTENERS).stdout
@@ -147,9 +149,10 @@ def test_no_listener_on_the_host_and_no_way_in_for_another_user(
     sandboxes: list[Sandbox] = []
     real_attach = Sandbox.attach
 
-    def attach(self: Sandbox, host: str, port: int) -> None:
+    def attach(self: Sandbox, upstream: UpstreamServer) -> None:
         sandboxes.append(self)
-        real_attach(self, host, port)
+        seen["upstream listens"] = str(upstream.listening)  # on this machine: it must not
+        real_attach(self, upstream)
 
     def look_then_await(*args: object, **kw: object) -> object:
         if "listeners" not in seen:
@@ -166,6 +169,7 @@ def test_no_listener_on_the_host_and_no_way_in_for_another_user(
     rc = main(["check", str(DATA / "good.conf"), "--upstream", str(PROVIDER), *_tables(), *lab_args])
     assert rc == 0
     assert seen["listeners"] == before, (before, seen["listeners"])
+    assert seen["upstream listens"] == "False"
     refused = seen["nobody"]
     assert "rc=0" not in refused and re.search("Permission denied|Operation not permitted", refused), refused
 

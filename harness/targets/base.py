@@ -12,9 +12,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
 from harness.waiting import Subscribers
+
+if TYPE_CHECKING:
+    from harness.upstream import UpstreamServer
 
 SMTPD_CONF = "/etc/smtpd.conf"
 
@@ -236,8 +240,11 @@ class Target(ABC):
     def upstream_address(self) -> str:
         """The address smtpd connects to for the fake upstream (what `point` names it as)."""
 
-    def upstream_listen(self) -> tuple[str, int | None]:
-        """Where the harness's upstream listens (port None: the profile's); by default the same."""
+    def upstream_listen(self) -> tuple[str, int | None] | None:
+        """Where the harness's upstream listens (port None: the profile's); by default the same.
+
+        None: nowhere; `attach_upstream` hands it each connection in-process (no port at all).
+        """
         return self.upstream_address(), None
 
     def upstream_peers(self) -> tuple[str, ...] | None:
@@ -247,8 +254,8 @@ class Target(ABC):
         """
         return None
 
-    def attach_upstream(self, host: str, port: int) -> None:
-        """Join smtpd's side to the upstream listening at host:port, before smtpd starts.
+    def attach_upstream(self, upstream: UpstreamServer) -> None:
+        """Join smtpd's side to the running upstream, before smtpd starts.
 
         Nothing to do where smtpd reaches the upstream directly; a sandbox opens its tunnel here.
         """

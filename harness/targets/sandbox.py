@@ -35,12 +35,17 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import paramiko
 
+from harness.errors import HarnessError
 from harness.targets.base import LogFollower, TargetError
 from harness.targets.shell import CommandResult, Shell
 from harness.targets.smtpd import Enclosure, EnclosureLimit, SmtpdTarget
+
+if TYPE_CHECKING:
+    from harness.upstream import UpstreamServer
 
 TMP_TEMPLATE = "/tmp/relay-harness-accept.XXXXXX"
 # Where the smarthost's name points inside the sandbox: on its loopback (all of 127/8 is local
@@ -233,7 +238,6 @@ class Sandbox(Enclosure):
     here. `close` ends it and looks: `leftovers` says what was still on the host (nothing).
     """
 
-    listen = ("127.0.0.1", 0)
     seen_at = UPSTREAM_ADDRESS
 
     def __init__(self, host: Shell, capability: SandboxCapability, service_port: int) -> None:
@@ -248,7 +252,7 @@ class Sandbox(Enclosure):
         self.on_shell: Callable[[Shell], None] | None = None
         self._pump_name = f"relay-harness-pump-{secrets.token_hex(8)}"
         self._chan: paramiko.Channel | None = None
-        self._upstream: tuple[str, int] | None = None
+        self._upstream: UpstreamServer | None = None
         self._seen = 0
         self._pumps: list[threading.Thread] = []
         self._closed = False
@@ -261,9 +265,9 @@ class Sandbox(Enclosure):
         flags = ["--mount", "--net", "--uts", *(["--pid"] if pid_ns else [])]
         return self.host.within("nsenter", "--target", str(self.pid), *flags, "--", name=self.name)
 
-    def attach(self, host: str, port: int) -> None:
-        """Start the sandbox with its forwarder; from now on each connection is pumped to host:port."""
-        self._upstream = (host, port)
+    def attach(self, upstream: UpstreamServer) -> None:
+        """Start the sandbox with its forwarder; from now on each connection is pumped to `upstream`."""
+        self._upstream = upstream
         self.log.subscribe(self._on_output)
         args = [OUTER, "rh-outer", INNER, self.capability.loopback, str(self.service_port)]
         args += [self._pump_name, FORWARDER]
@@ -315,7 +319,15 @@ class Sandbox(Enclosure):
             chan.exec_command(command)
         except (TargetError, paramiko.SSHException, OSError, EOFError):
             return
-        _bridge(chan, self._upstream)
+        near, far = socket.socketpair()
+        try:
+            self._upstream.serve_socket(far, peer=f"{self.name}, connection {n}")
+        except HarnessError:
+            for end in (near, far):
+                end.close()
+            chan.close()
+            return
+        _bridge(chan, near)
 
     def close(self) -> None:
         """End everything, then look: no process in its namespace, no temp dir; `leftovers` says."""
@@ -387,15 +399,8 @@ def sandbox_target(
     return target, sandbox
 
 
-def _bridge(chan: paramiko.Channel, upstream: tuple[str, int]) -> None:
-    """One pumped connection ↔ the local fake upstream, until either side closes."""
-    try:
-        sock = socket.create_connection(upstream, timeout=10)
-    except OSError:
-        chan.close()
-        return
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _bridge(chan: paramiko.Channel, sock: socket.socket) -> None:
+    """One pumped connection ↔ the upstream's end of a socketpair, until either side closes."""
 
     out = threading.Thread(
         target=_copy, args=(sock.recv, chan.sendall, chan.shutdown_write), daemon=True, name="pump-out"

@@ -12,6 +12,7 @@ import json
 import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import paramiko
 
@@ -28,6 +29,9 @@ from harness.targets.base import (
     TargetError,
 )
 from harness.targets.shell import CommandResult, Shell
+
+if TYPE_CHECKING:
+    from harness.upstream import UpstreamServer
 
 # smtpd is ready for a submission once its listeners are up and the queue process has loaded
 # the (empty) queue into the scheduler; a submission before the latter can get EX_TEMPFAIL (75).
@@ -237,17 +241,17 @@ class SmtpdTarget(Target):
             raise EnclosureLimit(f"{self.name}: {why}")
         return check
 
-    def upstream_listen(self) -> tuple[str, int | None]:
+    def upstream_listen(self) -> tuple[str, int | None] | None:
         if self.enclosure is not None:
-            return self.enclosure.listen
+            return None  # its connections are handed over in-process: no port for anyone to try
         return self._upstream_address, None
 
     def upstream_peers(self) -> tuple[str, ...] | None:
         return self._upstream_peers
 
-    def attach_upstream(self, host: str, port: int) -> None:
+    def attach_upstream(self, upstream: UpstreamServer) -> None:
         if self.enclosure is not None:
-            self.enclosure.attach(host, port)
+            self.enclosure.attach(upstream)
 
     def start(self, config_path: str = SMTPD_CONF, trace: str | None = None) -> LogFollower:
         self.stop()
@@ -350,17 +354,16 @@ class SmtpdTarget(Target):
 class Enclosure:
     """A private place for smtpd inside a host that must not change (a sandbox on a staging host).
 
-    It reaches the fake upstream through a tunnel: `listen` is where the harness's upstream
-    listens (port None: the profile's), `seen_at` the address smtpd connects to, and `attach`
-    opens the place and joins the two once the upstream is up. Only paths `may_write` allows are
+    It reaches the fake upstream through a tunnel: `seen_at` is the address smtpd connects to,
+    and `attach` opens the place and hands each of its connections to the running upstream
+    in-process (the upstream listens nowhere). Only paths `may_write` allows are
     written (the rest of the host is the host's); `limit` tells a refusal that comes from the
     enclosure (an interface it lacks) from one that comes from the config.
     """
 
-    listen: tuple[str, int | None] = ("127.0.0.1", 0)
     seen_at: str = "127.0.0.1"
 
-    def attach(self, host: str, port: int) -> None:
+    def attach(self, upstream: UpstreamServer) -> None:
         raise NotImplementedError
 
     def may_write(self, path: str) -> bool:
