@@ -35,8 +35,10 @@ def host_state(target: SmtpdTarget) -> str:
         '  echo "proc ${p#/proc/} $(readlink $p/ns/mnt) $c"; '
         # this command's own processes (the loop's shells, the pipeline) are not the host's
         "done | grep -v -E -e 'for p in|sshd' -e '^proc [0-9]+ \\S+ (sort|grep|tr|readlink|cut) ' | sort; "
-        # other test hosts' namespaces (parallel workers) show up under /run/netns and /sys
-        "echo mounts; cut -d' ' -f5,9 /proc/self/mountinfo | grep -v -e '^/run/netns/' -e '^/sys ' | sort; "
+        # other test hosts' namespaces (parallel workers) show up under /run/netns and /sys, and
+        # other tests' temp dirs change names when a pytest session retires them (garbage-*)
+        "echo mounts; cut -d' ' -f5,9 /proc/self/mountinfo "
+        "| grep -v -e '^/run/netns/' -e '^/sys ' -e '^/tmp/pytest-of-' | sort; "
         "echo spool and mail; find /var/spool/smtpd /var/mail | sort; "
         "echo queue; smtpctl show queue; echo status; smtpctl show status"
     ).stdout
