@@ -5,6 +5,7 @@ from harness.smtpdconf import parse_file, lint, expectations
 
 from harness.smtpdconf.expect import RelayExpectation, expectations, relay_urls, rewrite_sender
 from harness.smtpdconf.lint import Finding, covers, lint, lint_text
+from harness.smtpdconf.listens import ListenNeeds, listen_needs
 from harness.smtpdconf.parse import (
     KEYWORDS,
     Action,
@@ -48,6 +49,7 @@ __all__ = [
     "Finding",
     "Include",
     "Listen",
+    "ListenNeeds",
     "Literal",
     "Match",
     "Operand",
@@ -70,6 +72,7 @@ __all__ = [
     "is_local_user",
     "lint",
     "lint_text",
+    "listen_needs",
     "local_users",
     "parse_aliases",
     "parse_config",
