@@ -7,8 +7,10 @@ wrong, 2 the harness could not do its job (usage, environment, unreadable input)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
+import os
 import signal
 import sys
 import threading
@@ -161,12 +163,12 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_clean(args: argparse.Namespace) -> int:
-    """Remove what a killed run left: namespaces (and their processes) and temp dirs."""
+    """Remove what runs that are gone left (hosts kept with --relay-keep included), and dead image builds."""
     from harness.targets.images import clean_stale_images
     from harness.targets.lab import check_environment, clean_stale
 
     check_environment()
-    removed = clean_stale() + [f"image build {path}" for path in clean_stale_images()]
+    removed = clean_stale(kept=True) + [f"image build {path}" for path in clean_stale_images()]
     for item in removed:
         print(f"removed {item}")
     print(f"relay-harness lab clean: {len(removed)} item(s) removed")
@@ -315,11 +317,25 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _clean_after_killed_runs() -> None:
+    """Every command first removes what runs killed with SIGKILL left (their test hosts end by
+    themselves; their temp dirs wait for this), so nothing piles up on a CI runner.
+    `relay-harness lab clean` does the same, kept hosts included, and lists what it removed."""
+    if os.geteuid() != 0:
+        return  # only root builds test hosts
+    from harness.targets.lab import clean_stale
+
+    with contextlib.suppress(Exception):  # best effort, and quiet: never what a command's output is about
+        clean_stale()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    if args.command != "lab":
+        _clean_after_killed_runs()
     try:
         return func(args)
     except HarnessError as exc:

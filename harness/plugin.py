@@ -200,6 +200,7 @@ class ScenarioItem(pytest.Item):
                 report = "\n".join(filter(None, [proves_nothing, outcome.explain()]))
                 keep = bool(self.config.getoption("relay_keep"))
                 if keep:
+                    host.keep()
                     report += f"\ntest host kept: {host.enter_command()} (when done: relay-harness lab clean)"
                 raise ScenarioFailure(report)
         finally:

@@ -49,7 +49,7 @@ def config(relay: str = URL, extra: str = "") -> str:
         "table secrets file:/etc/mail/secrets\n"
         f"{extra}"
         "listen on socket\n"
-        "listen on lo0\n"
+        "listen on lo\n"
         'action "local_mail" mbox alias <aliases>\n'
         f'action "outbound" relay host {relay} auth <secrets> mail-from "@example.org"\n'
         'match from local for local action "local_mail"\n'
@@ -298,18 +298,10 @@ def test_missing_sudo_and_missing_opensmtpd(relay_lab: Lab, lab_host: LabHost) -
     relay_lab.ssh_config()
     known = relay_lab.dir / "known_hosts"
     key = relay_lab.dir / "id_ed25519"
-    # sshd reads authorized_keys as the user: let `tester` read the lab's (public) one meanwhile.
-    modes = {p: p.stat().st_mode for p in (relay_lab.dir, relay_lab.dir / "authorized_keys")}
-    try:
-        relay_lab.dir.chmod(0o711)
-        (relay_lab.dir / "authorized_keys").chmod(0o644)
-        with pytest.raises(
-            AcceptError, match=rf"tester@{lab_host.address}: not root and no passwordless sudo"
-        ):
-            run_accept(AcceptOptions(f"ssh://tester@{lab_host.address}", key, known, relay=False))
-    finally:
-        for path, mode in modes.items():
-            path.chmod(mode)
+    # sshd reads authorized_keys as the user: let `tester` read the host's (public) one.
+    target.check("chmod 0711 /run/relay-harness && chmod 0644 /run/relay-harness/authorized_keys")
+    with pytest.raises(AcceptError, match=rf"tester@{lab_host.address}: not root and no passwordless sudo"):
+        run_accept(AcceptOptions(f"ssh://tester@{lab_host.address}", key, known, relay=False))
     target.check("mount --bind /dev/null /usr/sbin/smtpd")
     with pytest.raises(AcceptError, match=rf"root@{lab_host.address}: OpenSMTPD is not installed"):
         run_accept(AcceptOptions(f"ssh://root@{lab_host.address}", key, known, relay=False))

@@ -31,7 +31,8 @@ def host_state(target: SmtpdTarget) -> str:
     return target.check(
         "me=$(readlink /proc/self/ns/net); for p in /proc/[0-9]*; do "
         '  [ "$(readlink $p/ns/net 2>/dev/null)" = "$me" ] || continue; '
-        '  c=$(tr "\\0" " " < $p/cmdline 2>/dev/null) || continue; '
+        # an empty command line: a process in the middle of exiting (an SSH session ending)
+        '  c=$(tr "\\0" " " < $p/cmdline 2>/dev/null) && [ -n "$c" ] || continue; '
         '  echo "proc ${p#/proc/} $(readlink $p/ns/mnt) $c"; '
         # this command's own processes (the loop's shells, the pipeline) are not the host's
         "done | grep -v -E -e 'for p in|sshd' -e '^proc [0-9]+ \\S+ (sort|grep|tr|readlink|cut) ' | sort; "
@@ -108,8 +109,8 @@ print("dirs " + " ".join(sorted(dirs)))
 def leftovers(host: LabHost, dirs: list[str]) -> list[str]:
     """Anything of this host's sandboxes still there: processes (so their mounts and network
     namespace), temp dirs; `dirs` (known ones) is extended with the sandbox dirs found running."""
-    assert host.target is not None and host.process is not None
-    args = " ".join([str(host.process.pid), *dirs])  # the lab's sshd is the process it started
+    assert host.target is not None and host.sshd_pid is not None
+    args = " ".join([str(host.sshd_pid), *dirs])  # the lab's sshd, as the host sees it
     out = host.target.check(f"python3 - {args}", stdin=LEFTOVERS.encode()).stdout.splitlines()
     dirs[:] = sorted(set(dirs) | set(out[-1].split()[1:]))
     return [line for line in out[:-1] if line.strip()]
@@ -186,7 +187,7 @@ def test_auto_uses_the_sandbox_also_when_the_host_listens_on_the_relays_port(
     relay_lab: Lab, lab_host: LabHost
 ) -> None:
     """The host's smtpd (in the sandbox) takes 127.0.0.1:587 itself: the forwarder is elsewhere."""
-    make_real(lab_host, config(extra="listen on lo0 port 587\n"))
+    make_real(lab_host, config(extra="listen on lo port 587\n"))
     report = accept(relay_lab, lab_host, relay_mode="auto")
     assert report.relay_way == WAY_SANDBOX and report.ok, text_report(report)
 

@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_footprint import hosts_of, own_lab_leftovers
 
 from harness.cli import main
 from harness.probes import PROBE_TIMEOUT
@@ -653,15 +653,13 @@ def test_sigterm_mid_check_removes_the_test_host_and_exits_130() -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    netns = Path("/run/netns") / f"rh-{proc.pid}-1"
+    # No event tells this process that another one's test host came to be: look, bounded.
     deadline = time.monotonic() + 30
-    # No event tells another process's namespace came to be: poll the kernel's list, bounded.
-    while not netns.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not hosts_of(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert netns.exists(), "the check never built its test host"
+    assert hosts_of(proc.pid), "the check never built its test host"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err and "interrupted" in err
-    assert not list(Path("/run/netns").glob(f"rh-{proc.pid}-*"))
-    assert not list(Path(tempfile.gettempdir()).glob(f"relay-harness-{proc.pid}-*"))
+    assert own_lab_leftovers(proc.pid) == []

@@ -9,7 +9,6 @@ next run trips over it. These tests look at the machine itself (/run/netns, `ip 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -18,18 +17,18 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+import paramiko
 import pytest
+from lab_footprint import Footprint, hosts_of, own_lab_leftovers
 
 from harness.pki import TestPki
 from harness.relay import DELIVERY
 from harness.targets.base import Bundle, BundleFile, OutgoingMail
-from harness.targets.lab import PREFIX, TMP_PREFIX, Lab, LabHost, clean_stale
+from harness.targets.lab import Lab, LabHost, clean_stale, running_hosts
 from harness.targets.smtpd import SmtpdTarget
 
 pytestmark = pytest.mark.lab
@@ -75,22 +74,51 @@ MACHINE_FILES = (
     "/var/log/wtmp",
 )
 READY_TIMEOUT = 60.0
+EXAMPLE = Path(__file__).parent.parent / "ci" / "examples"
+CHECK_ARGS = (
+    "check",
+    str(EXAMPLE / "smtpd.conf"),
+    "--upstream",
+    str(EXAMPLE / "provider.toml"),
+    "--table",
+    f"aliases={EXAMPLE / 'aliases'}",
+)
+CLI = Path(sys.executable).parent / "relay-harness"
 
-# A run killed after building a host and starting smtpd: the parent reads the "ready" line, then
-# SIGKILLs it, so no finally clause and no atexit handler of the lab runs.
-CHILD = """
-import sys
+# A real `relay-harness check`, stopped for good at one moment of its life: the step named is
+# replaced by a stop that says "moment" on stdout, so the parent can SIGKILL it right there (no
+# finally clause, no atexit handler of the lab runs after that).
+KILLED_CHECK = """
+import sys, threading
+import harness.check
+from harness.targets import lab
+moment, *argv = sys.argv[1:]
+
+def stop(*args, **kw):
+    print("moment", moment, flush=True)
+    threading.Event().wait()
+
+step = {
+    "building": (lab.LabHost, "_veth"),  # the first process runs, no network yet
+    "network": (lab.LabHost, "_start_sshd"),  # veth and interfaces up, sshd not started
+    "probing": (harness.check, "await_probe"),  # smtpd running, probes submitted
+    "teardown": (lab.LabHost, "_end"),  # SSH closed, the lifeline not yet
+}[moment]
+setattr(*step, stop)
+from harness.cli import main
+sys.exit(main(argv))
+"""
+
+# A run that keeps its host (pytest --relay-keep), then ends.
+KEEPING = """
 from harness.pki import TestPki
-from harness.targets.base import Bundle
 from harness.targets.lab import Lab
 
 lab = Lab(TestPki().ca_pem)
 host = lab.create_host()
-host.target.install(Bundle(sys.argv[1]))
-host.target.point(["smtp.example.net"], host.upstream_address)
-host.target.start()
-print("ready", host.netns, host.veth, lab.dir, flush=True)
-sys.stdin.read()  # never returns: the parent writes nothing and kills us
+host.keep()
+lab.ssh_config()
+print("ready", host.name, host.pid, host.address, lab.dir, flush=True)
 """
 
 
@@ -98,106 +126,13 @@ def bundle(marker: str, users: tuple[str, ...] = ()) -> Bundle:
     return Bundle(CONF.format(marker=marker), (ALIASES,), users=users)
 
 
-# --- looking at the machine ------------------------------------------------------------------
-
-
-def _proc_start(pid: int) -> tuple[str, int] | None:
-    """(state, start time in ticks) of a process, None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat.rpartition(")")[2].split()  # the command name may contain spaces and parens
-    return fields[0], int(fields[19])
-
-
-def _running(pid: int, start: int) -> bool:
-    """The same process (not a reused pid) still exists and has not exited.
-
-    A zombie counts as ended: it holds no namespace, mount or socket. Here zombies do appear, since
-    smtpd's parent (sshd's session) dies first and the container's PID 1 does not reap orphans.
-    """
-    now = _proc_start(pid)
-    return now is not None and now[1] == start and now[0] != "Z"
-
-
-def _pids_in_netns(inode: int) -> list[int]:
-    """Every live process whose network namespace is `inode`, from /proc, not from `ip netns`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            link = os.readlink(entry / "ns" / "net")
-        except OSError:
-            continue  # gone meanwhile, or a zombie (no namespaces left)
-        if link == f"net:[{inode}]":
-            found.append(int(entry.name))
-    return found
-
-
-def _netns_names() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
-
-
-def _links() -> set[str]:
-    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
-    return {m.group(1) for m in re.finditer(r"^\d+: ([^:@]+)[@:]", out, re.MULTILINE)}
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """What one test host put on the machine, taken while it runs."""
-
-    netns: str
-    veth: str
-    inode: int
-    processes: tuple[tuple[int, int], ...]  # (pid, start time): survives pid reuse
-    directory: Path
-    commands: frozenset[str]  # what ran inside: proves the check saw what must be gone
-
-    @classmethod
-    def of(cls, netns: str, veth: str, directory: Path) -> Footprint:
-        inode = os.stat(f"/run/netns/{netns}").st_ino
-        processes, commands = [], set()
-        for pid in _pids_in_netns(inode):
-            start = _proc_start(pid)
-            with contextlib.suppress(OSError):
-                commands.add(Path(f"/proc/{pid}/comm").read_text().strip())
-            if start is not None:
-                processes.append((pid, start[1]))
-        return cls(netns, veth, inode, tuple(processes), directory, frozenset(commands))
-
-    def leftovers(self) -> list[str]:
-        """What is still there, in words; empty when the host is entirely gone."""
-        left = []
-        if self.netns in _netns_names() or Path(f"/run/netns/{self.netns}").exists():
-            left.append(f"namespace {self.netns}")
-        if self.veth in _links():
-            left.append(f"veth {self.veth}")
-        left += [f"process {pid} in the namespace" for pid in _pids_in_netns(self.inode)]
-        left += [f"process {pid}" for pid, start in self.processes if _running(pid, start)]
-        if self.directory.exists():
-            left.append(f"directory {self.directory}")
-        return left
-
-
 def footprint(host: LabHost) -> Footprint:
-    return Footprint.of(host.netns, host.veth, host.lab.dir)
-
-
-def own_lab_leftovers(pid: int) -> list[str]:
-    """Anything carrying this process's lab names: namespaces, veths, temp dirs."""
-    left = [f"namespace {n}" for n in _netns_names() if n.startswith(f"{PREFIX}-{pid}-")]
-    left += [f"veth {n}" for n in _links() if re.fullmatch(rf"{PREFIX}{pid}[hp]\d+", n)]
-    left += [f"directory {p}" for p in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}{pid}-*")]
-    return left
+    return Footprint.of_host(host)
 
 
 def start_smtpd_and_a_stray(target: SmtpdTarget) -> int:
     """smtpd running, plus a process detached from every SSH session (as a careless hook leaves);
-    returns the stray's pid (known once forked, whatever it is named by then)."""
+    returns the stray's pid as the host sees it (known once forked, whatever it is named by then)."""
     target.install(bundle("cleanup"))
     target.point(["smtp.example.net"], target.upstream_address())
     target.start()
@@ -222,7 +157,7 @@ def test_close_removes_namespaces_veths_processes_and_temp_dir(
         lab.close()
     if stray is not None:  # the check saw what it must see gone
         assert {"sshd", "smtpd"} <= prints[0].commands
-        assert stray in {pid for pid, _ in prints[0].processes}
+        assert stray in prints[0].inner_pids
     for fp in prints:
         assert fp.leftovers() == []
     assert not lab.dir.exists()
@@ -241,7 +176,7 @@ def test_an_exception_inside_with_lab_still_removes_everything(
             strays.append(start_smtpd_and_a_stray(host.target))
         prints.append(footprint(host))
         raise RuntimeError("the body failed")
-    assert prints and {pid for pid, _ in prints[0].processes} >= set(strays)
+    assert prints and prints[0].inner_pids >= set(strays)
     if smtpd_running:
         assert "smtpd" in prints[0].commands
     assert prints[0].leftovers() == []
@@ -255,7 +190,7 @@ def test_destroy_host_removes_that_host_and_keeps_the_others(relay_pki: TestPki)
         assert gone.target is not None and kept.target is not None
         stray = start_smtpd_and_a_stray(gone.target)
         fp = footprint(gone)
-        assert stray in {pid for pid, _ in fp.processes}
+        assert stray in fp.inner_pids
         lab.destroy_host(gone)
         assert fp.leftovers() == [f"directory {lab.dir}"]  # the lab's dir goes with the lab
         assert kept.target.check("hostname").stdout.strip() == kept.hostname
@@ -268,12 +203,12 @@ def test_two_labs_in_one_process_never_touch_each_others_hosts(relay_pki: TestPk
         host_one = one.create_host()
         with Lab(relay_pki.ca_pem) as two:
             host_two = two.create_host()
-            assert host_two.netns != host_one.netns and host_two.veth != host_one.veth
+            assert host_two.name != host_one.name and host_two.veth != host_one.veth
             assert host_two.target is not None
             assert host_two.target.check("hostname").stdout.strip() == host_two.hostname
         assert host_one.target is not None
         assert host_one.target.check("hostname").stdout.strip() == host_one.hostname
-        assert host_one.netns in _netns_names()
+        assert host_one.name in hosts_of(os.getpid())
 
 
 # --- a killed run -----------------------------------------------------------------------------
@@ -298,72 +233,105 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     return buf.decode().partition("\n")[0]
 
 
-@dataclass
-class KilledRun:
-    pid: int
-    footprint: Footprint
-
-
-@pytest.fixture
-def killed_run(tmp_path: Path) -> Iterator[KilledRun]:
-    """A child that built a host and started smtpd, SIGKILLed: its leftovers are on the machine."""
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), CHILD_CONF],
-        stdin=subprocess.PIPE,
+def _start(script: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=Path(__file__).parent.parent,
     )
+
+
+def _kill_at(moment: str) -> tuple[int, list[Footprint]]:
+    """A real check SIGKILLed at `moment`; its pid and the footprints of its hosts just before."""
+    proc = _start(KILLED_CHECK, moment, *CHECK_ARGS)
     try:
         line = _read_line(proc, READY_TIMEOUT)
-        if not line.startswith("ready "):
+        if line != f"moment {moment}":
             proc.kill()
             _, err = proc.communicate(timeout=30)
-            pytest.fail(f"child did not get ready: {line!r}\n{err.decode(errors='replace')}")
-        _, netns, veth, directory = line.split()
-        fp = Footprint.of(netns, veth, Path(directory))
+            pytest.fail(f"the check did not reach {moment}: {line!r}\n{err.decode(errors='replace')}")
+        prints = [
+            Footprint.of(h.name, h.veth_name, h.pid, h.lab_dir)
+            for h in running_hosts()
+            if h.owner == proc.pid
+        ]
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)  # reaped: a zombie owner would still look alive to clean_stale
-        yield KilledRun(proc.pid, fp)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
+        for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
-        clean_stale()  # whatever the test did, leave no stale host to the next run
+    return proc.pid, prints
 
 
-def test_a_killed_run_leaves_a_host_behind_that_clean_stale_removes(killed_run: KilledRun) -> None:
-    fp = killed_run.footprint
-    # Without cleaning, the kill leaves everything running: this is what clean_stale is for.
-    assert {"sshd", "smtpd"} <= fp.commands
-    assert set(fp.leftovers()) >= {f"namespace {fp.netns}", f"veth {fp.veth}", f"directory {fp.directory}"}
-
-    removed = clean_stale()
-
-    assert f"namespace {fp.netns}" in removed
-    assert f"directory {fp.directory}" in removed
-    assert fp.leftovers() == []
-    assert own_lab_leftovers(killed_run.pid) == []
+def _gone(what: Callable[[], list[str]], timeout: float = 15.0) -> list[str]:
+    """`what` until it is empty (the kernel ends another process's namespaces in its own time:
+    no event reaches us, so look, bounded); what is left at the end."""
+    deadline = time.monotonic() + timeout
+    while (left := what()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
 
 
-def test_lab_clean_cli_reports_and_removes_a_killed_runs_host(killed_run: KilledRun) -> None:
-    fp = killed_run.footprint
-    cli = Path(sys.executable).parent / "relay-harness"
-    done = subprocess.run([str(cli), "lab", "clean"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert f"removed namespace {fp.netns}" in lines
-    assert f"removed directory {fp.directory}" in lines
-    assert re.search(r"^relay-harness lab clean: \d+ item\(s\) removed$", done.stdout, re.MULTILINE)
-    assert fp.leftovers() == []
-    again = subprocess.run([str(cli), "lab", "clean"], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0
-    assert fp.netns not in again.stdout and str(fp.directory) not in again.stdout
+def test_sigkill_at_any_moment_leaves_nothing_running_and_the_next_check_removes_the_rest() -> None:
+    """No finally clause runs after SIGKILL: the host's first process reads the end of its
+    owner's pipe and exits, the kernel ends its PID namespace (sshd, smtpd, strays) and with the
+    last process its network namespace and veth. Left on disk: the lab's key directory, which
+    the next run of any command removes (here: one ordinary check)."""
+    killed: dict[str, tuple[int, list[Footprint]]] = {}
+    for moment in ("building", "network", "probing", "teardown"):
+        pid, prints = _kill_at(moment)
+        assert len(prints) == 1, f"{moment}: the killed check had {len(prints)} test hosts"
+        killed[moment] = (pid, prints)
+        # Nothing of the host runs any more, and no lab code ran to make it so.
+        assert _gone(prints[0].running) == [], moment
+    assert {"sshd", "smtpd"} <= killed["probing"][1][0].commands  # what had to go was there
+    assert "sshd" not in killed["network"][1][0].commands
+    done = subprocess.run([str(CLI), *CHECK_ARGS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for moment, (pid, prints) in killed.items():
+        assert own_lab_leftovers(pid) == [], moment
+        assert prints[0].leftovers() == [], moment
+
+
+def test_a_kept_host_outlives_its_run_until_lab_clean(tmp_path: Path) -> None:
+    """--relay-keep: the host stays up for a person to enter after the run ended; automatic
+    cleaning spares it, `relay-harness lab clean` removes it and says so."""
+    proc = _start(KEEPING)
+    line = _read_line(proc, READY_TIMEOUT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and line.startswith("ready "), line + err.decode(errors="replace")
+    _, name, pid, address, directory = line.split()
+    try:
+        fp = Footprint.of(name, f"rh{proc.pid}h{name.rpartition('-')[2]}", int(pid), Path(directory))
+        assert "sshd" in fp.commands
+        clean_stale()  # what every run does first: a kept host is not a leftover
+        assert fp.running() != [] and Path(directory).exists()
+        client = paramiko.SSHClient()
+        key = paramiko.Ed25519Key.from_private_key_file(f"{directory}/ssh_host_ed25519_key")
+        client.get_host_keys().add(address, "ssh-ed25519", key)
+        client.connect(address, username="root", key_filename=f"{directory}/id_ed25519", timeout=10)
+        try:
+            _, stdout, _ = client.exec_command("hostname")
+            assert stdout.read().decode().strip().endswith(".relay-harness.test")
+        finally:
+            client.close()
+        done = subprocess.run([str(CLI), "lab", "clean"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert f"removed test host {name}" in lines and f"removed directory {directory}" in lines, lines
+        assert re.search(r"^relay-harness lab clean: \d+ item\(s\) removed$", done.stdout, re.MULTILINE)
+        assert fp.leftovers() == []
+        again = subprocess.run([str(CLI), "lab", "clean"], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and name not in again.stdout
+    finally:
+        clean_stale(kept=True)
+    assert own_lab_leftovers(proc.pid) == []
 
 
 # --- the machine's own files -------------------------------------------------------------------

@@ -1,59 +1,79 @@
-"""Test hosts on this machine: a network namespace, a private /etc, the real smtpd, sshd inside.
+"""Test hosts on this machine: private network, filesystem, processes and name; sshd inside.
 
 A test host is what a small mail server looks like from outside: an address, sshd, OpenSMTPD
-and its files. It is built from the machine's own binaries (Debian's opensmtpd and openssh)
-with everything it writes kept private:
+and its files. Built from a lower root (the machine's `/`, or a directory holding another Debian
+release) with everything it writes kept private:
 - its own network namespace, joined to this machine by a veth pair on 198.51.100.0/24
-  (TEST-NET-2), and with its loopback renamed `lo0`, so OpenBSD's `listen on lo0` works as written;
-- its own mount namespace: /etc is an overlay (writes land in the lab's temp dir), /run,
-  /var/spool, /var/mail, /var/log and /root are fresh tmpfs, so several hosts run at once untouched
-  (the private /root also spares each SSH command the machine's root shell start-up files);
-- its own UTS namespace (host name `NAME.relay-harness.test`);
+  (TEST-NET-2; `eth0` inside), with `lo` (127.0.0.1, ::1) as on any Linux host and an interface
+  `lo0` (127.0.0.1) so OpenBSD's `listen on lo0` works as written; every other interface,
+  address or host name a config's `listen on` names is made when the bundle is installed;
+- its own root (lab_init.py): an overlay of every top-level directory of the lower root whose
+  writes go to a tmpfs, and fresh /proc, /sys, /dev, /run, /tmp, /var/spool, /var/mail,
+  /var/log and /root; whatever a bundle names, wherever, is written inside the host only;
+- its own PID, UTS and IPC namespaces (host name `NAME.relay-harness.test`); the first process
+  holds a pipe from the owner, so a killed run takes its test hosts with it, by the kernel's hand;
 - resolv.conf naming only 127.0.0.1 with `lookup file`, so smtpd never asks any DNS server.
 The harness reaches it over SSH only: the lab is a provider of SSH targets.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import ipaddress
 import itertools
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness.targets.base import TargetError
+from harness.smtpdconf import ConfigSyntaxError, ListenNeeds, listen_needs, parse_config
+from harness.targets.base import Bundle, TargetError
 from harness.targets.shell import Shell
 from harness.targets.smtpd import SmtpdTarget
 
 PREFIX = "rh"
 LAB_NETWORK = ipaddress.IPv4Network("198.51.100.0/24")
 SLOTS = LAB_NETWORK.num_addresses // 4 - 1  # one /30 per host; slot 0 is left unused
+# Test addresses for the interfaces and host names a config listens on (TEST-NET-3, and IPv6's
+# documentation prefix): never routed anywhere, and only ever inside a test host.
+LISTEN_V4 = ipaddress.IPv4Network("203.0.113.0/24")
+LISTEN_V6 = ipaddress.IPv6Network("2001:db8:113::/64")
 LOCK_FILE = "/run/relay-harness.lock"
 TMP_PREFIX = "relay-harness-"
 DOMAIN = "relay-harness.test"
+INIT_MARK = "relay-harness-init"
+INIT = Path(__file__).with_name("lab_init.py")
 READY_TIMEOUT = 15.0
+END_TIMEOUT = 10.0
 # Host numbers are per process, not per Lab: names (rh-PID-N, rhPIDhN) must not collide when one
 # process holds two Labs (a test building its own Lab beside the session fixture's).
 _host_numbers = itertools.count(1)
+# Interface kinds that make a plain interface with addresses, best first: `dummy` needs its
+# module (absent on some kernels), `ifb` is often built in, a veth pair always works (its peer,
+# `NAME-p` where the name allows, stays unused inside the host).
+_INTERFACE_KINDS = ("dummy", "ifb", "veth")
 
 
 class LabError(TargetError):
-    """The lab cannot build a test host; the message says what is missing and how to get it."""
+    """The lab cannot build or equip a test host; the message says what is missing and how to get it."""
 
 
 @dataclass(frozen=True)
@@ -70,32 +90,39 @@ class Slot:
         return str(LAB_NETWORK.network_address + 4 * self.index + 2)
 
 
-def check_environment() -> None:
+def check_environment(root: str | os.PathLike[str] = "/") -> None:
     """Fail early with the fix, not with a traceback from deep inside `ip`."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network and mount namespaces): run as root or with sudo")
+    where = "" if str(root) == "/" else f" in {root}"
     missing = {
-        "/usr/sbin/smtpd": "OpenSMTPD is not installed: apt-get install opensmtpd",
-        "/usr/sbin/sshd": "sshd is not installed: apt-get install openssh-server",
+        "usr/sbin/smtpd": f"OpenSMTPD is not installed{where}: apt-get install opensmtpd",
+        "usr/sbin/sshd": f"sshd is not installed{where}: apt-get install openssh-server",
     }
     for path, message in missing.items():
-        if not os.path.exists(path):
+        if not os.path.exists(os.path.join(root, path)):
             raise LabError(message)
     for tool, package in (("ip", "iproute2"), ("unshare", "util-linux"), ("nsenter", "util-linux")):
         if shutil.which(tool) is None:
             raise LabError(f"{tool} is not installed: apt-get install {package}")
 
 
-def _ip(*args: str, netns: str | None = None, batch: str | None = None) -> str:
-    cmd = ["ip", *(["-n", netns] if netns else []), *(["-batch", "-"] if batch else []), *args]
+def _run(cmd: list[str], what: str, batch: str | None = None) -> str:
     proc = subprocess.run(cmd, input=batch, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        what = batch.strip().replace("\n", "; ") if batch else " ".join(args)
         hint = ""
         if "Operation not permitted" in proc.stderr:
             hint = " (creating network namespaces needs CAP_NET_ADMIN and CAP_SYS_ADMIN)"
-        raise LabError(f"ip {what}: {proc.stderr.strip()}{hint}")
+        raise LabError(f"{what}: {proc.stderr.strip()}{hint}")
     return proc.stdout
+
+
+def _ip(*args: str, batch: str | None = None, pid: int | None = None) -> str:
+    """`ip` on this machine, or (pid) in the network namespace of that test host's first process."""
+    inside = ["nsenter", "--target", str(pid), "--net"] if pid is not None else []
+    cmd = [*inside, "ip", *(["-batch", "-"] if batch else []), *args]
+    what = batch.strip().replace("\n", "; ") if batch else " ".join(args)
+    return _run(cmd, f"ip {what}", batch)
 
 
 @contextlib.contextmanager
@@ -107,6 +134,40 @@ def _lab_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until a resource is created and recorded, or removed.
+
+    SIGTERM unwinds like Ctrl-C (cli.py), and an exception raised between "the kernel made it"
+    and "the lab noted it" left it to no one: a cancelled CI job once left its namespace behind
+    (`ip netns add` interrupted after creating it, before the lab recorded it as its own). Only
+    the main thread gets Python's signal handlers, so elsewhere there is nothing to defer.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, FrameType | None]] = []
+    caught = (signal.SIGINT, signal.SIGTERM)
+    previous: dict[int, Any] = {int(sig): signal.getsignal(sig) for sig in caught}
+
+    def later(signum: int, frame: FrameType | None) -> None:
+        pending.append((signum, frame))
+
+    for sig in caught:
+        signal.signal(sig, later)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for signum, frame in pending[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _used_slots() -> set[int]:
@@ -127,139 +188,304 @@ def _key_pair() -> tuple[bytes, str]:
     return private, public.decode()
 
 
-BOOTSTRAP = r"""
-set -e
-mount -t overlay overlay -o "lowerdir=/etc,upperdir=$RH_DIR/etc,workdir=$RH_DIR/etc-work" /etc
-mount -t tmpfs -o mode=0755 rh-run /run
-mkdir -p /run/sshd
-mount -t tmpfs -o mode=0755 rh-spool /var/spool
-mkdir -m 0711 /var/spool/smtpd
-mount -t tmpfs -o "mode=1777" rh-mail /var/mail
-mount -t tmpfs -o mode=0700 rh-root /root
-mount -t tmpfs -o mode=0755 rh-log /var/log
-hostname "$RH_HOSTNAME"
-exec /usr/sbin/sshd -D -e -f "$RH_DIR/sshd_config"
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of a process (clock ticks since boot): a pid with its start time
+    names one process for good, where a bare pid may have been reused. None: no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+SSHD_CONFIG = """\
+ListenAddress {address}
+Port 22
+HostKey /run/relay-harness/ssh_host_ed25519_key
+AuthorizedKeysFile /run/relay-harness/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+UseDNS no
+PidFile none
+MaxSessions 50
+Subsystem sftp internal-sftp
 """
 
 
 class LabHost:
     """One test host. Built by `Lab.create_host`; `target` is the SSH target that drives it."""
 
-    def __init__(self, lab: Lab, index: int, slot: Slot) -> None:
+    def __init__(self, lab: Lab, index: int) -> None:
         self.lab = lab
         self.index = index
-        self.slot = slot
-        self.netns = f"{PREFIX}-{os.getpid()}-{index}"
+        self.name = f"{PREFIX}-{os.getpid()}-{index}"
         self.veth = f"{PREFIX}{os.getpid()}h{index}"
         self.hostname = f"host{index}.{DOMAIN}"
         self.dir = lab.dir / f"host{index}"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.slot: Slot | None = None
+        self.process: subprocess.Popen[bytes] | None = None  # `unshare`, parent of the first process
+        self.pid: int | None = None  # the host's first process (PID 1 inside), as this machine sees it
+        self.sshd_pid: int | None = None  # as the host sees it
         self.sshd_log: list[str] = []
-        self.target: SmtpdTarget | None = None
+        self.notes: list[str] = []  # what the host made for a config (an interface, a test address)
+        self.target: LabTarget | None = None
+        self.kept = False
+        self.lo0_kind: str | None = None  # the kind of interface lo0 is: dummy, ifb or veth
+        self._said: list[tuple[str, str]] = []  # the first process's protocol lines (lab_init.py)
+        self._news = threading.Condition()
+        self._ended = False
+        self._reader: threading.Thread | None = None
+        self._test_addresses = itertools.count(1)
 
     @property
     def address(self) -> str:
+        assert self.slot is not None
         return self.slot.inside
 
     @property
     def upstream_address(self) -> str:
+        assert self.slot is not None
         return self.slot.outside
 
-    def build(self) -> LabHost:
-        self._network()
-        self._files()
-        self._start_sshd()
-        self.target = self._connect()
-        return self
+    @property
+    def netns_path(self) -> str:
+        """The host's network namespace, for setns(2) or `nsenter --net=`."""
+        return f"/proc/{self.pid}/ns/net"
+
+    # -- building -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        """The first process: namespaces, then (lab_init.py) the private root."""
+        self.dir.mkdir()
+        (self.dir / "root").mkdir()
+        (self.dir / "layers").mkdir()
+        owner = os.getpid()
+        cmd = ["unshare", "--net", "--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-child"]
+        cmd += ["--propagation", "private", sys.executable, "-I", "-S", str(INIT), INIT_MARK]
+        cmd += [self.name, str(owner), str(_start_time(owner)), str(self.lab.dir)]
+        with _signals_deferred():
+            self.process = subprocess.Popen(
+                cmd,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        self._reader = threading.Thread(target=self._follow, daemon=True, name=f"init-{self.name}")
+        self._reader.start()
+        self._send(json.dumps(self._spec()))
+        self.pid = int(self._wait("pid"))
+
+    def _spec(self) -> dict[str, Any]:
+        private, public = self.lab.host_key_pem, self.lab.client_public
+        files: list[tuple[str, int, bytes]] = [
+            ("/etc/hosts", 0o644, self.hosts_text().encode()),
+            ("/etc/resolv.conf", 0o644, b"nameserver 127.0.0.1\nlookup file\n"),
+            ("/etc/hostname", 0o644, f"{self.hostname}\n".encode()),
+            ("/etc/mailname", 0o644, f"{self.hostname}\n".encode()),
+            ("/etc/ssl/certs/ca-certificates.crt", 0o644, self.lab.ca_pem),
+            ("/run/relay-harness/ssh_host_ed25519_key", 0o600, private),
+            ("/run/relay-harness/authorized_keys", 0o600, f"{public}\n".encode()),
+            ("/run/relay-harness/sshd_config", 0o644, SSHD_CONFIG.format(address=self.address).encode()),
+        ]
+        return {
+            "lower": str(self.lab.root),
+            "newroot": str(self.dir / "root"),
+            "layers": str(self.dir / "layers"),
+            "skip": [str(self.lab.dir)],
+            "hostname": self.hostname,
+            "files": [[path, mode, base64.b64encode(data).decode()] for path, mode, data in files],
+            "sshd": ["/usr/sbin/sshd", "-D", "-e", "-f", "/run/relay-harness/sshd_config"],
+        }
+
+    def hosts_text(self) -> str:
+        return f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{self.address}\t{self.hostname} host{self.index}\n"
+
+    def _veth(self) -> None:
+        """This machine's end of the link (under the lab lock: its address marks the slot used)."""
+        assert self.pid is not None and self.slot is not None
+        # The peer is born inside the host's namespace: if this run dies from here on, the
+        # kernel removes the pair with the namespace.
+        _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", str(self.pid))
+        _ip(batch=f"addr add {self.slot.outside}/30 dev {self.veth}\nlink set {self.veth} up\n")
 
     def _network(self) -> None:
-        peer = f"{PREFIX}{os.getpid()}p{self.index}"
-        _ip("netns", "add", self.netns)
-        self.lab.created_netns.append(self.netns)
+        """Inside: lo (as on any Linux host), eth0 (the link), lo0 (for OpenBSD configs)."""
+        assert self.pid is not None and self.slot is not None
         _ip(
-            batch=(
-                f"link add {self.veth} type veth peer name {peer}\n"
-                f"link set {peer} netns {self.netns}\n"
-                f"addr add {self.slot.outside}/30 dev {self.veth}\n"
-                f"link set {self.veth} up\n"
-            )
+            batch=f"link set lo up\naddr add {self.slot.inside}/30 dev eth0\nlink set eth0 up\n", pid=self.pid
         )
-        _ip(
-            netns=self.netns,
-            batch=(
-                f"link set {peer} name eth0\n"
-                f"addr add {self.slot.inside}/30 dev eth0\n"
-                "link set eth0 up\n"
-                "link set lo name lo0\n"
-                "link set lo0 up\n"
-            ),
-        )
+        self.lo0_kind = self._interface("lo0")
+        _ip(batch="addr add 127.0.0.1/8 dev lo0\n", pid=self.pid)
         route = _ip("-o", "route", "get", self.slot.inside)
         if f"dev {self.veth}" not in route:  # never let lab traffic leave by the default route
             raise LabError(f"route to test host {self.slot.inside} does not use {self.veth}: {route.strip()}")
 
-    def _files(self) -> None:
-        etc = self.dir / "etc"
-        (self.dir / "etc-work").mkdir(parents=True)
-        (etc / "ssl" / "certs").mkdir(parents=True)
-        (etc / "hosts").write_text(
-            f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{self.slot.inside}\t{self.hostname} host{self.index}\n"
-        )
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\nlookup file\n")
-        (etc / "hostname").write_text(self.hostname + "\n")
-        (etc / "mailname").write_text(self.hostname + "\n")
-        (etc / "ssl" / "certs" / "ca-certificates.crt").write_bytes(self.lab.ca_pem)
-        (self.dir / "sshd_config").write_text(
-            f"ListenAddress {self.slot.inside}\n"
-            "Port 22\n"
-            f"HostKey {self.lab.dir / 'ssh_host_ed25519_key'}\n"
-            f"AuthorizedKeysFile {self.lab.dir / 'authorized_keys'}\n"
-            "PermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\n"
-            "UsePAM no\n"
-            "StrictModes no\n"
-            "UseDNS no\n"
-            "PidFile none\n"
-            "MaxSessions 50\n"
-            "Subsystem sftp internal-sftp\n"
-        )
+    def _interface(self, name: str) -> str:
+        """A plain interface NAME inside the host, up; returns the kind used."""
+        assert self.pid is not None
+        errors = []
+        for kind in _INTERFACE_KINDS:
+            args = ["link", "add", name, "type", kind]
+            if kind == "veth":
+                peer = f"{name}-p" if len(name) <= 13 else f"rhp{next(self._test_addresses)}"
+                args += ["peer", "name", peer]
+            try:
+                _ip(*args, pid=self.pid)
+            except LabError as exc:
+                errors.append(str(exc))
+                continue
+            if kind == "veth":
+                _ip("link", "set", args[-1], "up", pid=self.pid)
+            _ip("link", "set", name, "up", pid=self.pid)
+            return kind
+        raise LabError(f"the test host cannot provide interface {name}: {'; '.join(errors)}")
 
     def _start_sshd(self) -> None:
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "RH_DIR": str(self.dir), "RH_HOSTNAME": self.hostname}
-        cmd = [
-            "ip",
-            "netns",
-            "exec",
-            self.netns,
-            "unshare",
-            "--mount",
-            "--uts",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            BOOTSTRAP,
-        ]
-        self.process = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        ready = threading.Event()
-        stderr = self.process.stderr
-        assert stderr is not None
+        self._send("start")
+        self._wait("sshd")
+        deadline = time.monotonic() + READY_TIMEOUT
+        with self._news:
+            while not any("Server listening on" in line for line in self.sshd_log):
+                if self._ended or time.monotonic() > deadline or any(w == "exited" for w, _ in self._said):
+                    log = "\n".join(self.sshd_log[-10:])
+                    raise LabError(f"test host {self.name}: sshd did not start:\n{log}")
+                self._news.wait(max(0.0, deadline - time.monotonic()))
+        self.sshd_pid = int(self._wait("sshd"))
 
-        def follow() -> None:
-            for raw in stderr:
-                line = raw.decode("utf-8", "replace").rstrip()
-                self.sshd_log.append(line)
-                if "Server listening on" in line:
-                    ready.set()
-            ready.set()  # EOF: sshd exited, the waiter reports why
+    # -- talking to the first process ---------------------------------------------------------
+    def _follow(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._news:
+                word, _, rest = line.partition(" ")
+                if word == INIT_MARK:
+                    what, _, value = rest.partition(" ")
+                    self._said.append((what, value))
+                    if what == "note":
+                        self.notes.append(value)
+                else:
+                    self.sshd_log.append(line)
+                self._news.notify_all()
+        with self._news:
+            self._ended = True
+            self._news.notify_all()
 
-        threading.Thread(target=follow, daemon=True, name=f"sshd-{self.netns}").start()
-        if not ready.wait(READY_TIMEOUT) or self.process.poll() is not None:
-            log = "\n".join(self.sshd_log[-10:])
-            raise LabError(f"test host {self.netns}: sshd did not start:\n{log}")
+    def _send(self, line: str) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        try:
+            self.process.stdin.write(line.encode() + b"\n")
+            self.process.stdin.flush()
+        except OSError as exc:
+            raise LabError(f"test host {self.name}: its first process is gone ({exc})") from None
+
+    def _wait(self, what: str, timeout: float = READY_TIMEOUT) -> str:
+        """The value of the first process's line `what`; its `error` line if it fails first."""
+        deadline = time.monotonic() + timeout
+        with self._news:
+            while True:
+                for word, value in self._said:
+                    if word == what:
+                        return value
+                    if word == "error":
+                        raise LabError(f"test host {self.name}: {value}")
+                remaining = deadline - time.monotonic()
+                if self._ended or remaining <= 0:
+                    tail = "\n".join(self.sshd_log[-10:])
+                    why = "its first process exited" if self._ended else f"no answer within {timeout:g}s"
+                    raise LabError(
+                        f"test host {self.name}: {why} (waiting for {what}){':' if tail else ''}\n{tail}"
+                    )
+                self._news.wait(remaining)
+
+    def failure(self) -> str | None:
+        """The first process's own account of why it failed, if it gave one."""
+        with self._news:
+            return next((f"test host {self.name}: {v}" for w, v in self._said if w == "error"), None)
+
+    # -- what a config listens on -------------------------------------------------------------
+    def provide(self, needs: ListenNeeds) -> list[str]:
+        """Every interface, address and host name the config's `listen on` lines name, made in
+        the host (with test addresses) unless it has them; returns notes saying what was made."""
+        assert self.pid is not None and self.target is not None
+        links = {link["ifname"] for link in json.loads(_ip("-j", "link", "show", pid=self.pid))}
+        present = self._addresses()
+        notes: list[str] = []
+        for name in needs.interfaces:
+            base, colon, _ = name.partition(":")
+            if name in links or (colon and name in present.values()):
+                continue
+            _check_interface_name(base, name)
+            if base not in links:
+                kind = self._interface(base)
+                links.add(base)
+            else:
+                kind = "label"
+            v4, v6 = self._test_address(4, present), self._test_address(6, present)
+            label = f" label {name}" if colon else ""
+            batch = f"addr add {v4}/32 dev {base}{label}\n"
+            if not colon:
+                batch += f"addr add {v6}/128 dev {base} nodad\n"
+            _ip(batch=batch, pid=self.pid)
+            what = f"an address labelled {name} on {base}" if colon else f"an interface {name} ({kind})"
+            extra = f" and {v6}" if not colon else ""
+            notes.append(f"listen on {name}: the test host has {what} with {v4}{extra} (test addresses)")
+            if name == "egress":
+                notes.append(
+                    f"listen on {name}: an OpenBSD interface group; Debian's OpenSMTPD has no interface "
+                    f"groups and refuses this line on Linux (`invalid virtual ip or interface: {name}`)"
+                )
+        for text in needs.addresses:
+            address = ipaddress.ip_address(text)
+            if address.is_unspecified or address.is_loopback or str(address) in present:
+                continue  # 0.0.0.0, ::, 127.0.0.0/8 and ::1 are there already
+            if address.version == 4 and address in LAB_NETWORK:
+                raise LabError(
+                    f"the test host cannot provide address {address}: it is in the lab's own network "
+                    f"{LAB_NETWORK}, which joins test hosts to this machine; listen on another address"
+                )
+            size = 32 if address.version == 4 else 128
+            _ip(batch=f"addr add {address}/{size} dev eth0{' nodad' if size == 128 else ''}\n", pid=self.pid)
+            present[str(address)] = "eth0"
+            notes.append(f"listen on {address}: assigned to the test host's eth0")
+        hosts = ""
+        for name in needs.hostnames:
+            if self.target.run(f"getent hosts {shlex.quote(name)}").returncode == 0:
+                continue  # localhost, the host's own name, one made before
+            v4 = self._test_address(4, present)
+            _ip(batch=f"addr add {v4}/32 dev eth0\n", pid=self.pid)
+            hosts += f"{v4}\t{name}\n"
+            notes.append(
+                f"listen on {name}: the name resolves to {v4} (a test address on eth0) in /etc/hosts"
+            )
+        if hosts:
+            self.target.check("cat >> /etc/hosts", stdin=hosts.encode())
+        self.notes.extend(notes)
+        return notes
+
+    def _addresses(self) -> dict[str, str]:
+        """Address → interface (or its label, eth0:1) of every address in the host."""
+        found = {}
+        for link in json.loads(_ip("-j", "addr", "show", pid=self.pid)):
+            for info in link.get("addr_info", ()):
+                found[info["local"]] = info.get("label", link["ifname"])
+        return found
+
+    def _test_address(self, version: int, present: dict[str, str]) -> str:
+        network = LISTEN_V4 if version == 4 else LISTEN_V6
+        while True:
+            candidate = str(network.network_address + next(self._test_addresses))
+            if candidate not in present:
+                present[candidate] = ""
+                return candidate
+
+    # -- the host from outside ----------------------------------------------------------------
+    def _connect(self) -> LabTarget:
+        return LabTarget(self, self._client())
 
     def _client(self) -> paramiko.SSHClient:
         """A paramiko client to this host with its host key pinned (never trust on first use)."""
@@ -276,18 +502,8 @@ class LabHost:
                 look_for_keys=False,
             )
         except (paramiko.SSHException, OSError) as exc:
-            raise LabError(f"test host {self.netns} ({self.address}): SSH failed: {exc}") from exc
+            raise LabError(f"test host {self.name} ({self.address}): SSH failed: {exc}") from exc
         return client
-
-    def _connect(self) -> SmtpdTarget:
-        name = f"lab:{self.hostname}"
-        return SmtpdTarget(
-            name,
-            Shell(name, self._client()),
-            self.upstream_address,
-            fresh_spool="find /var/spool/smtpd /var/mail -mindepth 1 -delete",
-            upstream_peers=(self.address,),  # smtpd's connections come from here, and nobody else's
-        )
 
     def testinfra_host(self) -> Any:
         """A pytest-testinfra host for this test host, on its own SSH connection.
@@ -305,65 +521,117 @@ class LabHost:
         """How a person gets a shell on it (printed by --relay-keep)."""
         return f"ssh -F {self.lab.ssh_config()} root@{self.address}"
 
+    def keep(self) -> None:
+        """Let the host outlive this process (pytest --relay-keep) until `relay-harness lab clean`."""
+        self._send("keep")
+        (self.lab.dir / f"{self.name}.kept").touch()
+        self.kept = True
+
     def destroy(self) -> None:
-        if self.target is not None:
-            with contextlib.suppress(Exception):
-                self.target.close()
-            self.target = None
-        if self.netns not in self.lab.created_netns:
-            return  # `ip netns add` failed: the namespace of that name is not ours to kill
-        kill_netns(self.netns)
-        if self.process is not None:
+        with _signals_deferred():
+            if self.target is not None:
+                with contextlib.suppress(Exception):
+                    self.target.close()
+                self.target = None
+            if self.process is not None:
+                self._end()
+            with contextlib.suppress(LabError):
+                # Now, not with the namespace: the kernel frees a network namespace asynchronously,
+                # and until then the veth and its address (the slot) are still on this machine.
+                _ip("link", "del", self.veth)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _end(self) -> None:
+        """Close the lifeline; the first process exits and the kernel ends every process of the host
+        (`unshare` returns once they are all gone). Killed if it does not."""
+        assert self.process is not None
+        with contextlib.suppress(OSError):
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=END_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # --kill-child: the first process goes with it
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=10)
-        with contextlib.suppress(LabError):
-            # Now, not with the namespace: the kernel tears a namespace down asynchronously, and
-            # until then the veth and its address (the slot) are still on this machine.
-            _ip("link", "del", self.veth)
-        with contextlib.suppress(LabError):
-            _ip("netns", "del", self.netns)
-        with contextlib.suppress(ValueError):
-            self.lab.created_netns.remove(self.netns)
+                self.process.wait(timeout=END_TIMEOUT)
+        if self._reader is not None:
+            self._reader.join(timeout=END_TIMEOUT)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
-def kill_netns(netns: str) -> None:
-    """End every process inside a test host: sshd, its sessions and any smtpd they started."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        pids = _netns_pids(netns)
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while _netns_pids(netns) and time.monotonic() < deadline:
-            # Process exit in another namespace has no waitable event for us (not our children):
-            # poll the kernel's list, bounded by the grace period.
-            time.sleep(0.02)
+class LabTarget(SmtpdTarget):
+    """The target of a test host: installing a bundle first makes what its listeners name."""
+
+    def __init__(self, host: LabHost, client: paramiko.SSHClient) -> None:
+        name = f"lab:{host.hostname}"
+        super().__init__(
+            name,
+            Shell(name, client),
+            host.upstream_address,
+            fresh_spool="find /var/spool/smtpd /var/mail -mindepth 1 -delete",
+            upstream_peers=(host.address,),  # smtpd's connections come from here, and nobody else's
+        )
+        self.host = host
+
+    def install(self, bundle: Bundle) -> None:
+        if bundle.config is not None:
+            try:
+                config = parse_config(bundle.config, bundle.config_path)
+            except ConfigSyntaxError:
+                config = None  # smtpd judges it; there is nothing the host could make for it
+            if config is not None:
+                self.host.provide(listen_needs(config))
+        super().install(bundle)
 
 
-def _netns_pids(netns: str) -> list[int]:
-    proc = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False)
-    return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
+def _check_interface_name(base: str, name: str) -> None:
+    """Linux's rules for an interface name (and an address label `base:x`)."""
+    if base in ("all", "default"):
+        raise LabError(
+            f"the test host cannot provide interface {name}: Linux reserves the names all and default. "
+            f"`listen on {name}` is an OpenBSD interface group; Debian's OpenSMTPD has no interface "
+            f"groups and refuses it on Linux too (`invalid virtual ip or interface: {name}`): to listen "
+            "on every address write `listen on 0.0.0.0` and `listen on ::`, or name the interfaces"
+        )
+    bad = not 0 < len(base) <= 15 or base in (".", "..") or re.search(r"[/\s:]", base)
+    if bad or len(name) > 15:
+        raise LabError(
+            f"the test host cannot provide interface {name}: a Linux interface name is 1-15 characters "
+            "without '/', ':' or spaces (an address label is NAME:LABEL, 15 characters in all); "
+            "listen on an address or a name Linux allows"
+        )
 
 
 class Lab:
-    """A set of test hosts sharing keys and the test CA; everything is removed by `close`."""
+    """A set of test hosts sharing keys and the test CA; everything is removed by `close`.
 
-    def __init__(self, ca_pem: bytes) -> None:
-        check_environment()
+    `root` is the lower root of every host's filesystem: this machine's `/` by default, or a
+    directory holding another system (a Debian release unpacked by debootstrap).
+    """
+
+    def __init__(self, ca_pem: bytes, root: str | os.PathLike[str] = "/") -> None:
+        check_environment(root)
+        self.root = Path(root)
         self.ca_pem = ca_pem
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
         self.hosts: list[LabHost] = []
-        self.created_netns: list[str] = []
-        host_private, host_public = _key_pair()
-        self._write(self.dir / "ssh_host_ed25519_key", host_private, 0o600)
-        self.host_key = paramiko.Ed25519Key.from_private_key_file(str(self.dir / "ssh_host_ed25519_key"))
-        client_private, client_public = _key_pair()
-        self._write(self.dir / "id_ed25519", client_private, 0o600)
-        self._write(self.dir / "authorized_keys", (client_public + "\n").encode(), 0o600)
-        self.client_key = paramiko.Ed25519Key.from_private_key_file(str(self.dir / "id_ed25519"))
-        self._host_public = host_public
+        with contextlib.suppress(OSError, LabError):
+            clean_stale()  # what killed runs left, before adding to it
+        with _signals_deferred():
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
+        try:
+            host_private, host_public = _key_pair()
+            self.host_key_pem = host_private
+            self._write(self.dir / "ssh_host_ed25519_key", host_private, 0o600)
+            self.host_key = paramiko.Ed25519Key.from_private_key_file(str(self.dir / "ssh_host_ed25519_key"))
+            client_private, self.client_public = _key_pair()
+            self._write(self.dir / "id_ed25519", client_private, 0o600)
+            self._write(self.dir / "authorized_keys", (self.client_public + "\n").encode(), 0o600)
+            self.client_key = paramiko.Ed25519Key.from_private_key_file(str(self.dir / "id_ed25519"))
+            self._host_public = host_public
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     @staticmethod
     def _write(path: Path, data: bytes, mode: int) -> None:
@@ -373,7 +641,7 @@ class Lab:
     def ssh_config(self) -> Path:
         path = self.dir / "ssh_config"
         known = self.dir / "known_hosts"
-        known.write_text("".join(f"{h.address} {self._host_public}\n" for h in self.hosts))
+        known.write_text("".join(f"{h.address} {self._host_public}\n" for h in self.hosts if h.slot))
         path.write_text(
             "Host 198.51.100.*\n"
             "  User root\n"
@@ -385,26 +653,29 @@ class Lab:
         return path
 
     def create_host(self) -> LabHost:
-        with _lab_lock():
-            used = _used_slots()
-            free = next((i for i in range(1, SLOTS + 1) if i not in used), None)
-            if free is None:
-                raise LabError(f"no free address in {LAB_NETWORK} for another test host")
-            host = LabHost(self, next(_host_numbers), Slot(free))
-            self.hosts.append(host)
-            try:
-                host._network()
-            except BaseException:
-                host.destroy()
-                self.hosts.remove(host)
-                raise
+        host = LabHost(self, next(_host_numbers))
+        self.hosts.append(host)
         try:
-            host._files()
+            with _lab_lock():
+                used = _used_slots()
+                free = next((i for i in range(1, SLOTS + 1) if i not in used), None)
+                if free is None:
+                    raise LabError(f"no free address in {LAB_NETWORK} for another test host")
+                host.slot = Slot(free)
+                host._start()
+                host._veth()
+            host._network()
+            host._wait("built")
             host._start_sshd()
             host.target = host._connect()
+        except LabError as exc:
+            cause = host.failure()
+            self.destroy_host(host)
+            if cause is not None:  # the first process said why: that, not what failed after it
+                raise LabError(cause) from exc
+            raise
         except BaseException:
-            host.destroy()
-            self.hosts.remove(host)
+            self.destroy_host(host)
             raise
         return host
 
@@ -414,14 +685,11 @@ class Lab:
             self.hosts.remove(host)
 
     def close(self) -> None:
-        for host in reversed(self.hosts):
-            host.destroy()
-        self.hosts.clear()
-        for netns in list(self.created_netns):
-            kill_netns(netns)
-            with contextlib.suppress(LabError):
-                _ip("netns", "del", netns)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        with _signals_deferred():
+            for host in reversed(self.hosts):
+                host.destroy()
+            self.hosts.clear()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Lab:
         return self
@@ -430,33 +698,122 @@ class Lab:
         self.close()
 
 
-def clean_stale() -> list[str]:
-    """Remove namespaces and temp dirs whose owning process is gone (a killed run's leftovers)."""
+# -- what killed runs left ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaleHost:
+    """A test host's first process found on this machine, with the run that owns it."""
+
+    pid: int
+    name: str
+    owner: int
+    owner_start: int | None
+    lab_dir: Path
+
+    @property
+    def owner_alive(self) -> bool:
+        start = _start_time(self.owner)
+        return start is not None and (self.owner_start is None or start == self.owner_start)
+
+    @property
+    def kept(self) -> bool:
+        return (self.lab_dir / f"{self.name}.kept").exists()
+
+    @property
+    def veth_name(self) -> str:
+        """This machine's end of its link, named as LabHost names it."""
+        owner, _, number = self.name.removeprefix(f"{PREFIX}-").partition("-")
+        return f"{PREFIX}{owner}h{number}"
+
+
+def running_hosts() -> list[StaleHost]:
+    """Every test host running on this machine (its first process), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # The first process is `python3 -I -S lab_init.py MARK ...` (its parent, `unshare`, has
+        # the same words further on: not the host).
+        if len(argv) < 9 or argv[4] != INIT_MARK.encode() or not argv[3].endswith(b"lab_init.py"):
+            continue
+        at = 4
+        try:
+            name, owner, start, lab_dir = (a.decode() for a in argv[at + 1 : at + 5])
+            found.append(
+                StaleHost(
+                    int(entry.name), name, int(owner), int(start) if start.isdigit() else None, Path(lab_dir)
+                )
+            )
+        except ValueError:
+            continue
+    return found
+
+
+def clean_stale(kept: bool = False) -> list[str]:
+    """Remove what runs that are gone left: test hosts, named namespaces of older versions, temp dirs.
+
+    A killed run's hosts end by themselves (their first process reads the end of its pipe), so
+    mostly a key directory is left. `kept` also removes hosts kept with --relay-keep (`lab clean`).
+    """
     removed: list[str] = []
+    spared: set[Path] = set()
+    for host in running_hosts():
+        if host.owner_alive:
+            continue
+        if host.kept and not kept:
+            spared.add(host.lab_dir)
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(host.pid, signal.SIGKILL)  # the kernel ends the rest of its PID namespace
+        _wait_gone(host.pid)
+        with contextlib.suppress(LabError):
+            _ip("link", "del", host.veth_name)
+        removed.append(f"test host {host.name}")
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
     for m in re.finditer(rf"^({PREFIX}-(\d+)-(\d+))\b", listing, re.MULTILINE):
-        netns, pid = m.group(1), int(m.group(2))
-        if _alive(pid):
+        netns, pid = m.group(1), int(m.group(2))  # named namespaces: test hosts of older versions
+        if _start_time(pid) is not None:
             continue
         kill_netns(netns)
         with contextlib.suppress(LabError):
-            _ip("link", "del", f"{PREFIX}{pid}h{m.group(3)}")  # as in LabHost.destroy
+            _ip("link", "del", f"{PREFIX}{pid}h{m.group(3)}")
         with contextlib.suppress(LabError):
             _ip("netns", "del", netns)
         removed.append(f"namespace {netns}")
     for path in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
-        owner = re.match(rf"{TMP_PREFIX}(\d+)-", path.name)
-        if owner and not _alive(int(owner.group(1))):
+        owner_m = re.match(rf"{TMP_PREFIX}(\d+)-", path.name)
+        if owner_m and _start_time(int(owner_m.group(1))) is None and path not in spared:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(f"directory {path}")
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _wait_gone(pid: int, timeout: float = END_TIMEOUT) -> None:
+    """Until a process that is not our child has exited (no event reaches us: poll, bounded)."""
+    deadline = time.monotonic() + timeout
+    while _start_time(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def kill_netns(netns: str) -> None:
+    """End every process inside a named network namespace (test hosts of older versions)."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        pids = _netns_pids(netns)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while _netns_pids(netns) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _netns_pids(netns: str) -> list[int]:
+    proc = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False)
+    return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
