@@ -90,7 +90,7 @@ CLI = Path(sys.executable).parent / "relay-harness"
 # finally clause, no atexit handler of the lab runs after that).
 KILLED_CHECK = """
 import sys, threading
-import harness.check
+import harness.probes
 from harness.targets import lab
 moment, *argv = sys.argv[1:]
 
@@ -101,7 +101,7 @@ def stop(*args, **kw):
 step = {
     "building": (lab.LabHost, "_veth"),  # the first process runs, no network yet
     "network": (lab.LabHost, "_start_sshd"),  # veth and interfaces up, sshd not started
-    "probing": (harness.check, "await_probe"),  # smtpd running, probes submitted
+    "probing": (harness.probes, "await_probe"),  # smtpd running, probes submitted
     "teardown": (lab.LabHost, "_end"),  # SSH closed, the lifeline not yet
 }[moment]
 setattr(*step, stop)

@@ -18,7 +18,8 @@ import subprocess
 import pytest
 
 from harness.smtpdconf import listen_needs, parse_config
-from harness.targets import Bundle, LabError, LabHost
+from harness.targets.base import Bundle
+from harness.targets.lab import LabError, LabHost
 
 pytestmark = pytest.mark.lab
 
