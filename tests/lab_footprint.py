@@ -35,8 +35,14 @@ def running(pid: int, start: int) -> bool:
     return now is not None and now[1] == start and now[0] != "Z"
 
 
-def pids_in_netns(inode: int) -> list[int]:
-    """Every live process whose network namespace is `inode`."""
+def boot_ticks() -> int:
+    """Now, in the unit of a process's start time (clock ticks since boot)."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def pids_in_netns(inode: int, started_by: int | None = None) -> list[int]:
+    """Every live process whose network namespace is `inode` (and that started by `started_by`:
+    the kernel reuses a freed namespace's inode number for the next one, a newer host's)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -46,7 +52,9 @@ def pids_in_netns(inode: int) -> list[int]:
         except OSError:
             continue  # gone meanwhile, or a zombie (no namespaces left)
         if link == f"net:[{inode}]":
-            found.append(int(entry.name))
+            start = proc_start(int(entry.name))
+            if started_by is None or (start is not None and start[1] <= started_by):
+                found.append(int(entry.name))
     return found
 
 
@@ -71,11 +79,13 @@ class Footprint:
     directory: Path
     commands: frozenset[str]  # what ran inside: proves the check saw what must be gone
     inner_pids: frozenset[int]  # the same processes' pids as the host sees them (its PID namespace)
+    taken: int  # when (boot ticks): a namespace with the same inode later on is another one
 
     @classmethod
     def of(cls, name: str, veth: str, pid: int, directory: Path) -> Footprint:
         """`pid`: the host's first process (its network namespace is the host's)."""
         inode = os.stat(f"/proc/{pid}/ns/net").st_ino
+        taken = boot_ticks() + 1
         processes, commands, inner = [], set(), set()
         for p in pids_in_netns(inode):
             start = proc_start(p)
@@ -86,7 +96,9 @@ class Footprint:
                     inner.add(int(nspid.group(1).split()[-1]))
             if start is not None:
                 processes.append((p, start[1]))
-        return cls(name, veth, inode, tuple(processes), directory, frozenset(commands), frozenset(inner))
+        return cls(
+            name, veth, inode, tuple(processes), directory, frozenset(commands), frozenset(inner), taken
+        )
 
     @classmethod
     def of_host(cls, host: LabHost) -> Footprint:
@@ -98,7 +110,7 @@ class Footprint:
         left = []
         if self.veth in links():
             left.append(f"veth {self.veth}")
-        left += [f"process {pid} in the namespace" for pid in pids_in_netns(self.inode)]
+        left += [f"process {pid} in the namespace" for pid in pids_in_netns(self.inode, self.taken)]
         left += [f"process {pid}" for pid, start in self.processes if running(pid, start)]
         left += [f"test host {h.name}" for h in running_hosts() if h.name == self.name]
         return left
