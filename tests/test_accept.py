@@ -81,9 +81,12 @@ def make_real(
     target.install(Bundle(conf or config(), files or (ALIASES, secrets()), ("alice",)))
     target.write_file("/var/log/mail.log", log.encode(), 0o640)
     target.check("/usr/sbin/smtpd -f /etc/smtpd.conf")
-    # The daemon returns before its control socket is up: wait for that event, bounded.
+    # The daemon returns before its control socket is up, and enables its listeners after that
+    # (once the queue is loaded): wait for both, bounded, so a test sees the host as it runs.
+    listening = "ss -Hltn | grep -q '127.0.0.1:25 '" if "listen on lo\n" in (conf or config()) else "true"
     target.check(
-        "for i in $(seq 100); do smtpctl show status >/dev/null 2>&1 && exit 0; sleep 0.05; done; exit 1"
+        "for i in $(seq 100); do smtpctl show status >/dev/null 2>&1 && "
+        f"{listening} && exit 0; sleep 0.05; done; exit 1"
     )
     if after:
         target.check(after)
