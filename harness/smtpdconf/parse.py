@@ -16,6 +16,7 @@ and a syntax error for the other, exactly where that smtpd says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -390,6 +391,13 @@ class _Lexer:
             self._eof_reached = True  # smtpd fakes one newline at EOF
             return "\n"
         return c
+
+    def skip_line(self) -> None:
+        """findeol(): the rest of the line is dropped."""
+        while (c := self._lgetc()) not in ("\n", ""):
+            pass
+        if c == "\n":
+            self.line += 1
 
     def _lungetc(self, c: str) -> None:
         if c:
@@ -944,9 +952,12 @@ _OTHER_KEYWORDS: frozenset[str] = frozenset(
 class _Builder:
     """Collects statements into the dicts and lists that become a Config."""
 
-    def __init__(self, path: str, grammar: str = DEFAULT_GRAMMAR) -> None:
+    def __init__(
+        self, path: str, grammar: str = DEFAULT_GRAMMAR, errors: list[ConfigSyntaxError] | None = None
+    ) -> None:
         self.path = path
         self.grammar = grammar
+        self.errors = errors
         self.tables: dict[str, Table] = {}
         self.actions: dict[str, Action] = {}
         self.pkis: dict[str, Pki] = {}
@@ -964,10 +975,14 @@ class _Builder:
             return
         try:
             statement = self._statement(cur, first)
-        except ConfigSyntaxError:
-            if not any(t.kind == "word" and t.text in PRE_64_WORDS for t in tokens):
+        except ConfigSyntaxError as exc:
+            if any(t.kind == "word" and t.text in PRE_64_WORDS for t in tokens):
+                statement = RawStatement("pre-6.4", first.text, first.line, _Cursor(tokens, "").rest())
+            elif self.errors is not None:
+                self.errors.append(exc)  # smtpd's `grammar error '\n'`: skip the statement, go on
+                return
+            else:
                 raise
-            statement = RawStatement("pre-6.4", first.text, first.line, _Cursor(tokens, "").rest())
         self.statements.append(statement)
 
     def _macro(self, cur: _Cursor) -> None:
@@ -1024,17 +1039,42 @@ class _Builder:
         )
 
 
-def parse_config(text: str, path: str = "smtpd.conf", grammar: str = DEFAULT_GRAMMAR) -> Config:
+def parse_config(
+    text: str,
+    path: str = "smtpd.conf",
+    grammar: str = DEFAULT_GRAMMAR,
+    errors: list[ConfigSyntaxError] | None = None,
+) -> Config:
     """Parse smtpd.conf text; raise ConfigSyntaxError where smtpd's grammar (GRAMMARS) would.
 
     References (undefined actions and tables) are not errors here: they are
-    the linter's job, so one run can report all of them.
+    the linter's job, so one run can report all of them. With `errors`, a
+    statement smtpd's grammar refuses is recorded there and skipped, and parsing
+    goes on as smtpd's does (a lexer error, such as an unterminated quote, ends it).
     """
     if grammar not in GRAMMARS:
         raise ValueError(f"grammar {grammar!r}: one of {', '.join(GRAMMARS)}")
-    builder = _Builder(path, grammar)
+    builder = _Builder(path, grammar, errors)
     lexer = _Lexer(text, path, builder.macros)
-    while (tokens := lexer.statement()) is not None:
+    while True:
+        try:
+            tokens = lexer.statement()
+        except ConfigSyntaxError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+            if not exc.message.startswith("macro "):
+                break
+            # yylex(): findeol() and an error token, which the grammar reports in its own words;
+            # its recovery (`grammar error '\n'`) then drops everything up to the next newline
+            # token: the line after the macro's goes too.
+            errors.append(ConfigSyntaxError(path, exc.line, "syntax error"))
+            lexer.skip_line()
+            with contextlib.suppress(ConfigSyntaxError):
+                lexer.statement()
+            continue
+        if tokens is None:
+            break
         builder.add(tokens)
     return builder.build()
 

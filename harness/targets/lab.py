@@ -48,17 +48,20 @@ from harness.smtpdconf import ConfigSyntaxError, ListenNeeds, listen_needs, pars
 from harness.targets.base import Bundle, TargetError
 from harness.targets.shell import Shell
 from harness.targets.smtpd import SmtpdTarget
+from harness.targets.testnet import (
+    DOMAIN,
+    LAB_NETWORK,
+    LISTEN_V4,
+    LISTEN_V6,
+    address_problem,
+    egress_note,
+    interface_problem,
+)
 
 PREFIX = "rh"
-LAB_NETWORK = ipaddress.IPv4Network("198.51.100.0/24")
 SLOTS = LAB_NETWORK.num_addresses // 4 - 1  # one /30 per host; slot 0 is left unused
-# Test addresses for the interfaces and host names a config listens on (TEST-NET-3, and IPv6's
-# documentation prefix): never routed anywhere, and only ever inside a test host.
-LISTEN_V4 = ipaddress.IPv4Network("203.0.113.0/24")
-LISTEN_V6 = ipaddress.IPv6Network("2001:db8:113::/64")
 LOCK_FILE = "/run/relay-harness.lock"
 TMP_PREFIX = "relay-harness-"
-DOMAIN = "relay-harness.test"
 INIT_MARK = "relay-harness-init"
 INIT = Path(__file__).with_name("lab_init.py")
 READY_TIMEOUT = 15.0
@@ -435,19 +438,14 @@ class LabHost:
             extra = f" and {v6}" if not colon else ""
             notes.append(f"listen on {name}: the test host has {what} with {v4}{extra} (test addresses)")
             if name == "egress":
-                notes.append(
-                    f"listen on {name}: an OpenBSD interface group; Debian's OpenSMTPD has no interface "
-                    f"groups and refuses this line on Linux (`invalid virtual ip or interface: {name}`)"
-                )
+                notes.append(egress_note(name))
         for text in needs.addresses:
             address = ipaddress.ip_address(text)
             if address.is_unspecified or address.is_loopback or str(address) in present:
                 continue  # 0.0.0.0, ::, 127.0.0.0/8 and ::1 are there already
-            if address.version == 4 and address in LAB_NETWORK:
-                raise LabError(
-                    f"the test host cannot provide address {address}: it is in the lab's own network "
-                    f"{LAB_NETWORK}, which joins test hosts to this machine; listen on another address"
-                )
+            problem = address_problem(address)
+            if problem is not None:
+                raise LabError(problem)
             size = 32 if address.version == 4 else 128
             _ip(batch=f"addr add {address}/{size} dev eth0{' nodad' if size == 128 else ''}\n", pid=self.pid)
             present[str(address)] = "eth0"
@@ -587,20 +585,9 @@ class LabTarget(SmtpdTarget):
 
 def _check_interface_name(base: str, name: str) -> None:
     """Linux's rules for an interface name (and an address label `base:x`)."""
-    if base in ("all", "default"):
-        raise LabError(
-            f"the test host cannot provide interface {name}: Linux reserves the names all and default. "
-            f"`listen on {name}` is an OpenBSD interface group; Debian's OpenSMTPD has no interface "
-            f"groups and refuses it on Linux too (`invalid virtual ip or interface: {name}`): to listen "
-            "on every address write `listen on 0.0.0.0` and `listen on ::`, or name the interfaces"
-        )
-    bad = not 0 < len(base) <= 15 or base in (".", "..") or re.search(r"[/\s:]", base)
-    if bad or len(name) > 15:
-        raise LabError(
-            f"the test host cannot provide interface {name}: a Linux interface name is 1-15 characters "
-            "without '/', ':' or spaces (an address label is NAME:LABEL, 15 characters in all); "
-            "listen on an address or a name Linux allows"
-        )
+    problem = interface_problem(base, name)
+    if problem is not None:
+        raise LabError(problem)
 
 
 class Lab:
