@@ -7,19 +7,30 @@ from what the fake upstream received and what smtpd logged, on a real target.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.bundle import TableInput, build_bundle, synthesize_secrets
+from harness.bundle import TableInput, build_bundle, declared_tables, synthesize_secrets
 from harness.errors import HarnessError
 from harness.pki import TestPki
 from harness.probes import ProbeResult, plan_probes, run_probes
 from harness.redact import Redactor
 from harness.relay import ConfigRejected, relay_run
-from harness.smtpdconf import Config, ConfigSyntaxError, Finding, auth_tables, lint, parse_config
+from harness.smtpdconf import (
+    Config,
+    ConfigSyntaxError,
+    Finding,
+    alias_problem,
+    alias_tables,
+    auth_tables,
+    lint,
+    parse_config,
+)
 from harness.targets.base import Bundle, Target
 from harness.upstream import Profile
+from harness.userfiles import read_bytes, read_text
 
 
 class CheckUsageError(HarnessError):
@@ -49,6 +60,9 @@ class CheckInput:
     config_text: str
     profile: Profile
     tables: dict[str, Path]
+    # The tables' content, read before any work (read_tables); one missing here is read from its
+    # path when the bundle is built.
+    table_content: dict[str, bytes] = field(default_factory=dict)
 
 
 def parse_table_flags(values: list[str]) -> dict[str, Path]:
@@ -57,10 +71,51 @@ def parse_table_flags(values: list[str]) -> dict[str, Path]:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise CheckUsageError(f"--table {value!r}: expected NAME=FILE")
-        if not Path(path).is_file():
-            raise CheckUsageError(f"--table {name}={path}: no such file")
+        if not re.fullmatch(r"[^\s<>{}\x00-\x1f\x7f]+", name):
+            raise CheckUsageError(f"--table {name!r}: not a table NAME (as in the config's `table NAME`)")
+        if name in tables:
+            raise CheckUsageError(f"--table {name}: given twice ({tables[name]} and {path})")
         tables[name] = Path(path)
     return tables
+
+
+def read_tables(tables: dict[str, Path]) -> dict[str, bytes]:
+    """Each --table file as text (UTF-8, no NUL), read before any work; UserFileError names it."""
+    return {name: read_text(path, flag=f"--table {name}=").encode() for name, path in tables.items()}
+
+
+def check_input(inp: CheckInput) -> None:
+    """What can be known wrong before a test host is built (CheckUsageError, exit 2).
+
+    A --table the config does not declare (a typo: `secret=` for `secrets=`) would otherwise be
+    ignored and the check pass on synthesized credentials; an aliases line a test host cannot
+    have (a key that is no address, a local user that is no user name) fails far from its line.
+    A config the harness cannot parse is smtpd's to judge: nothing is checked then.
+    """
+    try:
+        config = parse_config(inp.config_text, str(inp.config_path))
+    except ConfigSyntaxError:
+        return
+    usable = declared_tables(config)
+    for name in inp.tables:
+        table = config.tables.get(name)
+        if table is None:
+            if f"<{name}>" in inp.config_text:
+                continue  # used but never declared: smtpd refuses the config for it, the verdict
+            declared = ", ".join(sorted(config.tables)) or "none"
+            raise CheckUsageError(
+                f"--table {name}: {inp.config_path} declares no table {name!r} (its tables: {declared})"
+            )
+        if name not in usable:
+            raise CheckUsageError(
+                f"--table {name}: table {name} ({inp.config_path}:{table.line}) is {table.backend}, "
+                "not a file: or db: table: its content is in the config, not in a file"
+            )
+    for name in sorted(alias_tables(config) & set(inp.table_content)):
+        problem = alias_problem(inp.table_content[name])
+        if problem is not None:
+            line, why = problem
+            raise CheckUsageError(f"--table {name}={inp.tables[name]}:{line}: {why}")
 
 
 def check_bundle(config: Config | None, inp: CheckInput) -> tuple[Bundle, Profile, list[str], Redactor]:
@@ -79,7 +134,8 @@ def check_bundle(config: Config | None, inp: CheckInput) -> tuple[Bundle, Profil
             # Used but never declared: smtpd refuses the config for it, which is the verdict.
             notes.append(f"--table {name}: the config uses <{name}> but declares no such table")
             continue
-        tables[name] = TableInput(read_table(name, path))
+        content = inp.table_content.get(name)
+        tables[name] = TableInput(content if content is not None else read_bytes(path, f"--table {name}="))
     for table in config.tables.values():
         if table.config is None or table.backend not in ("file", "db") or table.name in tables:
             continue
@@ -105,13 +161,6 @@ def check_bundle(config: Config | None, inp: CheckInput) -> tuple[Bundle, Profil
             )
     bundle = build_bundle(inp.config_text, config, tables)
     return bundle, profile, notes, redactor
-
-
-def read_table(name: str, path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CheckUsageError(f"--table {name}={path}: cannot read: {exc.strerror or exc}") from None
 
 
 def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:

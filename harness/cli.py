@@ -12,15 +12,18 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from harness.errors import HarnessError
+from harness.names import dns_name_problem
 from harness.pki import TestPki
 from harness.upstream import SessionRecord, UpstreamServer, load_profile
+from harness.userfiles import MAX_CONFIG_BYTES, outputs, read_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -29,11 +32,46 @@ class UsageError(HarnessError):
     """A flag or argument the user must fix: printed as one line, exit 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one `--help` away), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _host_port(text: str) -> tuple[str, int]:
+    """--listen HOST:PORT: HOST an IP address (a name would need a resolver), PORT 0-65535."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:2525, [::1]:2525)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = {"": "127.0.0.1", "localhost": "127.0.0.1"}.get(host, host)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: HOST must be an IP address (e.g. 127.0.0.1:2525)"
+        ) from None
+    return host, int(port)
+
+
+def _dns_name(text: str) -> str:
+    problem = dns_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"host {problem}")
+    return text
+
+
+def _can_listen(host: str, port: int) -> None:
+    """Bind once before anything is written (CA, record): an address this machine does not have,
+    or a port in use, is then an error with nothing changed."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port} (--listen): {exc.strerror}") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -50,8 +88,18 @@ def cmd_upstream(args: argparse.Namespace) -> int:
     """Run the fake provider until SIGINT/SIGTERM, appending one JSON line per finished session."""
     profile = load_profile(args.profile)
     host, port = args.listen if args.listen else ("127.0.0.1", profile.port)
+    record = outputs({"--record": args.record}, [args.profile]).get("--record")
+    if not _is_loopback(host):
+        print(
+            f"relay-harness upstream: warning: {host} is not a loopback address: anyone who can reach "
+            "it can use this upstream, and learn from its replies whether a password is right",
+            file=sys.stderr,
+            flush=True,
+        )
+    _can_listen(host, port)
     pki = TestPki.load_or_create(args.certs)
-    record_file = args.record.open("a", encoding="utf-8") if args.record else None
+    pki.server_cert(profile.host, profile.faults.cert)  # a corrupt leaf in --certs: said now, not per session
+    record_file = record.open_append() if record is not None else None
     lock = threading.Lock()
 
     def on_closed(session: SessionRecord) -> None:
@@ -61,13 +109,6 @@ def cmd_upstream(args: argparse.Namespace) -> int:
             record_file.write(json.dumps(session.to_json()) + "\n")
             record_file.flush()
 
-    if not _is_loopback(host):
-        print(
-            f"relay-harness upstream: warning: {host} is not a loopback address: anyone who can reach "
-            "it can use this upstream, and learn from its replies whether a password is right",
-            file=sys.stderr,
-            flush=True,
-        )
     server = UpstreamServer(profile, pki, host, port)
     server.recorder._on_closed = on_closed
     stop = threading.Event()
@@ -101,56 +142,59 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the config in a real smtpd (a lab test host, or a sandbox on --target ssh://...)."""
-    from harness.check import CheckInput, parse_table_flags, run_check
-    from harness.report import json_report, text_report, write_json, write_junit
+    from harness.check import CheckInput, check_input, parse_table_flags, read_tables, run_check
+    from harness.report import check_junit_xml, json_bytes, json_report, text_report
     from harness.targets.select import parse_target, run_on
 
-    try:
-        config_text = args.config.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"{args.config}: cannot read: {exc.strerror}") from None
+    config_text = read_text(args.config, limit=MAX_CONFIG_BYTES)
     profile = load_profile(args.upstream)
     tables = parse_table_flags(args.table or [])
     spec = parse_target(args.target, args.identity, args.known_hosts)
-    inp = CheckInput(args.config, config_text, profile, tables)
+    inp = CheckInput(args.config, config_text, profile, tables, read_tables(tables))
+    check_input(inp)
+    inputs = [args.config, args.upstream, *tables.values()]
+    reports = outputs({"--report-json": args.report_json, "--junit": args.junit}, inputs)
     pki = TestPki()
     report, notes = run_on(spec, pki, profile.port, lambda target: run_check(target, inp, pki))
     report.notes.extend(notes)
     print(text_report(report), flush=True)
-    if args.report_json:
-        write_json(json_report(report), args.report_json)
-    if args.junit:
-        write_junit(report, args.junit)
+    if "--report-json" in reports:
+        reports["--report-json"].write(json_bytes(json_report(report)))
+    if "--junit" in reports:
+        reports["--junit"].write(check_junit_xml(report))
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_accept(args: argparse.Namespace) -> int:
     """The `accept` subcommand: exit 0 as before, 1 a finding or difference, 2 cannot check."""
+    from harness.accept import baseline
     from harness.accept.run import AcceptOptions, run_accept
-    from harness.report import accept_json, accept_junit, accept_text
-    from harness.report import write_json as write_data
+    from harness.report import accept_json, accept_junit_xml, accept_text, json_bytes
 
+    inputs = [p for p in (args.baseline, args.upstream, args.identity, args.known_hosts) if p is not None]
+    flags = {"--report-json": args.report_json, "--junit": args.junit, "--save-baseline": args.save_baseline}
+    reports = outputs(flags, inputs)
     options = AcceptOptions(
         args.url,
         args.identity,
         args.known_hosts,
         args.upstream,
         args.baseline,
-        args.save_baseline,
+        None,  # --save-baseline: written below, like the reports, once the run is complete
         args.config,
         args.mail_log,
         not args.no_relay,
         args.relay_mode,
+        args.connect_timeout,
     )
     report = run_accept(options)
     print(accept_text(report), flush=True)
-    try:
-        if args.report_json:
-            write_data(accept_json(report), args.report_json)
-        if args.junit:
-            accept_junit(report, args.junit)
-    except OSError as exc:
-        raise UsageError(f"cannot write the report: {exc}") from None
+    if "--save-baseline" in reports:
+        reports["--save-baseline"].write(baseline.dumps(report.baseline).encode())
+    if "--report-json" in reports:
+        reports["--report-json"].write(json_bytes(accept_json(report)))
+    if "--junit" in reports:
+        reports["--junit"].write(accept_junit_xml(report))
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -216,9 +260,7 @@ def _image_list(only: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="relay-harness", description="End-to-end tests of OpenSMTPD relay configurations."
-    )
+    parser = _Parser(prog="relay-harness", description="End-to-end tests of OpenSMTPD relay configurations.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("upstream", help="run the fake upstream (a recording smarthost)")
@@ -269,13 +311,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs = sub.add_parser("certs", help="create or reuse the test CA (and leaves) in a directory")
     certs.add_argument("--certs", type=Path, default=Path("certs"))
-    certs.add_argument("host", nargs="*", help="host names to issue leaves for")
+    certs.add_argument("host", nargs="*", type=_dns_name, help="host names to issue leaves for")
     certs.set_defaults(func=cmd_certs)
     return parser
 
 
+def _host_path(text: str) -> str:
+    """A path on the host: absolute, and no control character (sshd drops a command with a NUL)."""
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a path on the host must be absolute")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a path with a control character")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 600:  # nan and inf too
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds between 0 and 600")
+    return value
+
+
 def _add_accept(sub: Any) -> None:
     from harness.accept.run import RELAY_MODES
+    from harness.targets.shell import CONNECT_TIMEOUT
 
     p = sub.add_parser(
         "accept",
@@ -297,9 +359,23 @@ def _add_accept(sub: Any) -> None:
         "--junit", type=Path, metavar="FILE", help="write a JUnit XML report (one testcase per check)"
     )
     p.add_argument(
-        "--config", help="smtpd.conf path on the host (default /etc/smtpd.conf, /etc/mail/smtpd.conf)"
+        "--config",
+        type=_host_path,
+        help="smtpd.conf path on the host (default /etc/smtpd.conf, /etc/mail/smtpd.conf)",
     )
-    p.add_argument("--mail-log", help="mail log on the host (default /var/log/mail.log or /var/log/maillog)")
+    p.add_argument(
+        "--mail-log",
+        type=_host_path,
+        help="mail log on the host (default /var/log/mail.log or /var/log/maillog)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on the host after this long without an answer, for each of TCP connect, "
+        f"SSH banner and login (default {CONNECT_TIMEOUT:g})",
+    )
     p.add_argument("--no-relay", action="store_true", help="skip the relay probe (facts only)")
     p.add_argument(
         "--relay-mode",

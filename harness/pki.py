@@ -7,13 +7,21 @@ stack rejects for the named reason, not a flag the harness pretends about.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
 import trustme
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from harness.names import dns_name_problem
+from harness.userfiles import UserFileError, read_bytes
 
 CertKind = Literal["good", "wrong-host", "expired", "untrusted", "self-signed"]
 CERT_KINDS: tuple[str, ...] = get_args(CertKind)
@@ -49,16 +57,25 @@ class TestPki:
 
     @classmethod
     def load_or_create(cls, directory: Path) -> TestPki:
-        """Reuse DIR/ca.pem + DIR/ca.key when present so clients configured once keep working."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Reuse DIR/ca.pem + DIR/ca.key when present so clients configured once keep working.
+
+        DIR may be new (its parent must exist); a CA half there (one file of the two), unreadable
+        or not matching its key is an error (UserFileError), never replaced: clients may trust it.
+        """
+        if directory.exists() and not directory.is_dir():
+            raise UserFileError(directory, "not a directory", flag="--certs")
+        if not directory.exists():
+            if not directory.parent.is_dir():
+                raise UserFileError(directory, f"directory {directory.parent} does not exist", flag="--certs")
+            try:
+                directory.mkdir()
+            except OSError as exc:
+                raise UserFileError(directory, f"cannot create: {exc.strerror}", flag="--certs") from None
         cert, key = directory / "ca.pem", directory / "ca.key"
-        if cert.exists() and key.exists():
-            ca = trustme.CA.from_pem(cert.read_bytes(), key.read_bytes())
-        else:
-            ca = trustme.CA(organization_name="relay-harness test CA")
-            key.touch(mode=0o600)
-            key.write_bytes(ca.private_key_pem.bytes())
-            cert.write_bytes(ca.cert_pem.bytes())
+        if cert.exists() or key.exists():
+            return cls(_load_ca(cert, key), directory)
+        ca = trustme.CA(organization_name="relay-harness test CA")
+        _write_new({key: ca.private_key_pem.bytes(), cert: ca.cert_pem.bytes()})
         return cls(ca, directory)
 
     @property
@@ -94,13 +111,75 @@ class TestPki:
     def _good_leaf(self, host: str) -> ServerCert:
         if self.directory is None:
             return _server_cert("good", self.ca.issue_cert(host))
+        problem = dns_name_problem(host)
+        if problem is not None:  # it names files in the directory: `../x` must not escape it
+            raise ValueError(f"host {problem}")
         chain, key = self.directory / f"{host}.pem", self.directory / f"{host}.key"
-        if not (chain.exists() and key.exists()):
+        if not (chain.exists() or key.exists()):
             leaf = self.ca.issue_cert(host)
-            key.touch(mode=0o600)
-            key.write_bytes(leaf.private_key_pem.bytes())
-            chain.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-        return ServerCert("good", chain.read_bytes(), key.read_bytes())
+            _write_new(
+                {key: leaf.private_key_pem.bytes(), chain: b"".join(b.bytes() for b in leaf.cert_chain_pems)}
+            )
+        both = f"{chain} and {key}"
+        if not (chain.exists() and key.exists()):
+            raise UserFileError(
+                chain if not chain.exists() else key,
+                f"missing (of {both}): remove both to have them issued again",
+            )
+        served = ServerCert("good", read_bytes(chain), read_bytes(key))
+        try:
+            served.server_context()
+            issued = x509.load_pem_x509_certificate(served.chain_pem)
+            issued.verify_directly_issued_by(x509.load_pem_x509_certificate(self.ca_pem))
+        except (ssl.SSLError, ValueError, TypeError, InvalidSignature) as exc:
+            raise UserFileError(
+                chain,
+                f"not a certificate and key for {host} issued by {self.directory / 'ca.pem'} ({exc}): "
+                f"remove {both} to have them issued again",
+            ) from None
+        return served
+
+
+def _load_ca(cert: Path, key: Path) -> trustme.CA:
+    for path, other in ((cert, key), (key, cert)):
+        if not path.exists():
+            raise UserFileError(
+                path, f"missing, but {other.name} is there: restore it, or remove {other} to create a new CA"
+            )
+    cert_pem, key_pem = read_bytes(cert, "--certs"), read_bytes(key, "--certs")
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise UserFileError(
+            cert, "not a PEM certificate: restore it, or remove it and ca.key to create a new CA"
+        ) from None
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise UserFileError(key, f"not an unencrypted PEM private key ({exc})") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if certificate.public_key().public_bytes(
+        serialization.Encoding.PEM, public
+    ) != private_key.public_key().public_bytes(serialization.Encoding.PEM, public):
+        raise UserFileError(key, f"does not match {cert.name}: not the key of that CA certificate")
+    ca = trustme.CA.from_pem(cert_pem, key_pem)
+    return ca
+
+
+def _write_new(files: dict[Path, bytes]) -> None:
+    """Create each file (mode 600: keys are among them), all or none: a half CA is never left."""
+    done: list[Path] = []
+    try:
+        for path, data in files.items():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            done.append(path)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+    except OSError as exc:
+        for path in done:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise UserFileError(path, f"cannot write: {exc.strerror}", flag="--certs") from None
 
 
 def _server_cert(kind: str, leaf: trustme.LeafCert) -> ServerCert:

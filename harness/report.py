@@ -67,6 +67,10 @@ def text(report: Report) -> str:
 
 
 def junit(report: Report, path: Path) -> None:
+    path.write_bytes(junit_xml(report))
+
+
+def junit_xml(report: Report) -> bytes:
     """One testcase per row; failing rows carry their explanation, others it as system-out."""
     suite = ET.Element("testsuite", name=report.title)
     failures = 0
@@ -84,11 +88,15 @@ def junit(report: Report, path: Path) -> None:
     suite.set("tests", str(len(report.rows)))
     suite.set("failures", str(failures))
     suite.set("time", f"{report.seconds:.3f}")
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    return bytes(ET.tostring(suite, encoding="utf-8", xml_declaration=True))
+
+
+def json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    path.write_bytes(json_bytes(data))
 
 
 # -- check ----------------------------------------------------------------------------------------
@@ -173,6 +181,10 @@ def json_report(report: CheckReport) -> dict[str, Any]:
 
 
 def write_junit(report: CheckReport, path: Path) -> None:
+    path.write_bytes(check_junit_xml(report))
+
+
+def check_junit_xml(report: CheckReport) -> bytes:
     """One testcase per probe; a refused config is one failing testcase `smtpd-accepts-config`."""
     out = check_report(report)
     if report.verdict == "refused":
@@ -184,7 +196,7 @@ def write_junit(report: CheckReport, path: Path) -> None:
             body=text(out),
         )
         out.rows.insert(0, refused)
-    junit(out, path)
+    return junit_xml(out)
 
 
 # -- accept ---------------------------------------------------------------------------------------
@@ -264,6 +276,10 @@ def accept_json(report: AcceptReport) -> dict[str, Any]:
 
 
 def accept_junit(report: AcceptReport, path: Path) -> None:
+    path.write_bytes(accept_junit_xml(report))
+
+
+def accept_junit_xml(report: AcceptReport) -> bytes:
     """One testcase per fact (warnings pass, with their text as output), one for the baseline."""
     from harness.accept.facts import Fact
 
@@ -275,4 +291,4 @@ def accept_junit(report: AcceptReport, path: Path) -> None:
                 "baseline", "fail" if differs else "pass", "baseline comparison", evidence=report.differences
             )
         )
-    junit(accept_report(report, facts), path)
+    return junit_xml(accept_report(report, facts))

@@ -27,6 +27,7 @@ from harness.relay import ConfigRejected, RelayRun, relay_run
 from harness.smtpdconf import ConfigSyntaxError, parse_config
 from harness.targets.base import Bundle, BundleFile, OutgoingMail, Target, TargetError
 from harness.upstream import Profile, ProfileError, profile_from_data
+from harness.userfiles import MAX_CONFIG_BYTES, UserFileError, read_text
 from harness.waiting import wait_until
 
 MAX_MESSAGES = 20  # a case's mail is bounded: scenarios must stop by themselves
@@ -179,11 +180,13 @@ class _Locator:
 
 def load_scenario(path: Path) -> Scenario:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ScenarioError(str(path), None, "file", f"cannot read: {exc.strerror}") from None
+        text = read_text(path).removeprefix("\ufeff")  # a BOM some editors write
+    except UserFileError as exc:
+        raise ScenarioError(str(path), exc.line, "file", exc.message) from None
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise ScenarioError(str(path), None, "toml", "arrays or tables nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"at line (\d+)", str(exc))
         raise ScenarioError(str(path), int(m.group(1)) if m else None, "toml", str(exc)) from None
@@ -213,6 +216,17 @@ def load_scenario(path: Path) -> Scenario:
     secret = data.get("secret_tables", ["secrets"])
     if not isinstance(secret, list) or not all(isinstance(t, str) for t in secret):
         raise loc.error("secret_tables", "must be a list of table names")
+    if "secret_tables" in data:
+        try:
+            declared = declared_tables(parse_config(config, "/etc/smtpd.conf"))
+        except ConfigSyntaxError:
+            declared = None  # smtpd's refusal is the case's verdict
+        unknown = [name for name in secret if declared is not None and name not in declared]
+        if unknown:
+            known = ", ".join(sorted(declared or ())) or "none"
+            raise loc.error(
+                "secret_tables", f"the config declares no table {unknown[0]!r} (its tables: {known})"
+            )
     description = data.get("description", "")
     if not isinstance(description, str):
         raise loc.error("description", "must be a string")
@@ -236,9 +250,9 @@ def _config_text(data: dict[str, Any], path: Path, loc: _Locator) -> str:
         return str(data["config"])
     target = path.parent / str(data["config_file"])
     try:
-        return target.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise loc.error("config_file", f"{target}: {exc.strerror}") from None
+        return read_text(target, limit=MAX_CONFIG_BYTES)
+    except UserFileError as exc:
+        raise loc.error("config_file", str(exc)) from None
 
 
 def _tables(raw: Any, key: str, loc: _Locator, case: int | None) -> dict[str, str]:
@@ -370,6 +384,11 @@ def _check_tables(
             )
 
 
+def _control(text: str) -> bool:
+    """A character no address, user or host name has; sshd drops a command line with a NUL."""
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
 def _mails(raw: Any, loc: _Locator, index: int) -> tuple[Mail, ...]:
     if raw is None:
         raw = [{}]
@@ -387,6 +406,8 @@ def _mails(raw: Any, loc: _Locator, index: int) -> tuple[Mail, ...]:
             to = [to]
         if not isinstance(to, list) or not to or not all(isinstance(t, str) for t in to):
             raise loc.error("send.to", "must be a list of recipient addresses", index)
+        if any(_control(t) for t in to):
+            raise loc.error("send.to", "an address with a control character (newline, NUL, ...)", index)
         via = item.get("via", "sendmail")
         if via not in ("sendmail", "smtp"):
             raise loc.error("send.via", "must be sendmail (local submission) or smtp (to a listener)", index)
@@ -399,6 +420,8 @@ def _mails(raw: Any, loc: _Locator, index: int) -> tuple[Mail, ...]:
             value = texts[key] = item.get(key, default)
             if not isinstance(value, str) or not value:
                 raise loc.error(f"send.{key}", f"must be a non-empty string, not {value!r}", index)
+            if key != "subject" and _control(value):
+                raise loc.error(f"send.{key}", "contains a control character (newline, NUL, ...)", index)
         mails.append(
             Mail(
                 sender=texts["from"],

@@ -534,7 +534,7 @@ def test_usage_table_flag_with_missing_file(capsys: pytest.CaptureFixture[str]) 
         "--table",
         f"aliases={missing}",
     )
-    assert line == f"relay-harness: --table aliases={missing}: no such file"
+    assert line == f"relay-harness: --table aliases={missing}: cannot read: No such file or directory"
 
 
 def test_usage_malformed_profile_names_file_line_and_field(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from harness.accept.facts import Fact, HostFacts
 from harness.errors import HarnessError
 from harness.smtpdconf import expectations
+from harness.userfiles import UserFileError, read_text
 
 FORMAT = 1
 
@@ -69,22 +70,30 @@ def build(facts: HostFacts, relay: list[Fact], relay_way: str) -> dict[str, Any]
     }
 
 
+def dumps(baseline: dict[str, Any]) -> str:
+    return json.dumps(baseline, indent=2, sort_keys=True) + "\n"
+
+
 def save(baseline: dict[str, Any], path: Path) -> None:
     try:
-        path.write_text(json.dumps(baseline, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        path.write_text(dumps(baseline), encoding="utf-8")
     except OSError as exc:
         raise BaselineError(f"{path}: cannot write: {exc.strerror}") from None
 
 
 def load(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BaselineError(f"{path}: cannot read: {exc.strerror}") from None
+        data = json.loads(read_text(path, "--baseline").removeprefix("\ufeff"))
+    except UserFileError as exc:
+        raise BaselineError(str(exc)) from None
     except json.JSONDecodeError as exc:
-        raise BaselineError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
+        raise BaselineError(f"--baseline {path}:{exc.lineno}: not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise BaselineError(f"--baseline {path}: not a relay-harness baseline (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise BaselineError(f"--baseline {path}: not a relay-harness baseline ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BaselineError(f"{path}: not a relay-harness baseline (format {FORMAT})")
+        raise BaselineError(f"--baseline {path}: not a relay-harness baseline (format {FORMAT})")
     return data
 
 

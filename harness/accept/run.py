@@ -30,7 +30,7 @@ from harness.smtpdconf import RelayExpectation, expectations
 from harness.targets.base import Bundle, Target, TargetError
 from harness.targets.sandbox import SandboxCapability, probe_capability, sandbox_target
 from harness.targets.select import lab_target
-from harness.targets.shell import Shell, as_root, connect
+from harness.targets.shell import CONNECT_TIMEOUT, Shell, as_root, connect
 from harness.targets.smtpd import EnclosureLimit
 from harness.upstream import Credential, Profile, UpstreamError, load_profile
 
@@ -275,6 +275,7 @@ class AcceptOptions:
     mail_log: str | None = None
     relay: bool = True
     relay_mode: str = "auto"
+    connect_timeout: float = CONNECT_TIMEOUT
 
 
 @dataclass
@@ -352,7 +353,7 @@ def _load_profile(path: Path | None) -> Profile | None:
 def _connected(options: AcceptOptions) -> Iterator[Shell]:
     """Root on the host (as logged in or through sudo -n), closed afterwards."""
     try:
-        shell = connect(options.url, options.identity, options.known_hosts)
+        shell = connect(options.url, options.identity, options.known_hosts, options.connect_timeout)
     except TargetError as exc:
         raise AcceptError(str(exc)) from None
     try:

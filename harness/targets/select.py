@@ -40,7 +40,10 @@ def parse_target(text: str, identity: Path | None = None, known_hosts: Path | No
     if text.startswith("ssh://"):
         from harness.targets.shell import parse_ssh_url
 
-        parse_ssh_url(text)  # TargetError naming the URL when malformed
+        try:
+            parse_ssh_url(text)
+        except TargetError as exc:
+            raise HarnessError(f"--target {exc}") from None
         return TargetSpec(text, "ssh", identity, known_hosts)
     raise HarnessError(f"--target {text!r}: expected {SPECS}")
 

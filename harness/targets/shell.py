@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shlex
 import socket
 import threading
@@ -20,8 +21,10 @@ from urllib.parse import urlsplit
 
 import paramiko
 
+from harness.names import dns_name_problem
 from harness.redact import Redactor
 from harness.targets.base import LogFollower, TargetError
+from harness.userfiles import read_bytes, read_text
 
 # OpenBSD's names for smtpd's users and groups; a config written there says root:_smtpd.
 OPENBSD_GROUPS = {"_smtpd": "opensmtpd", "_smtpq": "opensmtpq"}
@@ -264,40 +267,84 @@ class SshUrl:
 
 
 def parse_ssh_url(url: str) -> SshUrl:
-    parts = urlsplit(url)
+    shown = repr(url) if any(ord(ch) < 32 or ord(ch) == 127 for ch in url) or not url else url
+    if shown != url:  # urlsplit drops a newline or a tab silently: `ro\not` would log in as root
+        raise TargetError(f"{shown}: expected ssh://USER@HOST[:PORT], without control characters")
     try:
-        port = parts.port or 22
-    except ValueError:
-        raise TargetError(f"{url}: bad port") from None
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        what = "bad port" if "port" in str(exc).lower() else "not an ssh://USER@HOST[:PORT] URL"
+        raise TargetError(f"{shown}: {what} ({exc})") from None
     if parts.scheme != "ssh" or not parts.hostname or not parts.username or parts.path not in ("", "/"):
-        raise TargetError(f"{url}: expected ssh://USER@HOST[:PORT]")
-    return SshUrl(parts.username, parts.hostname, port)
+        raise TargetError(f"{shown}: expected ssh://USER@HOST[:PORT]")
+    if port == 0:
+        raise TargetError(f"{shown}: bad port: 0 is not a port to connect to")
+    problem = dns_name_problem(parts.hostname)
+    if problem is not None:
+        raise TargetError(f"{shown}: the host {problem}")
+    if not re.fullmatch(r"[\w.@+-]+", parts.username):
+        raise TargetError(f"{shown}: the user {parts.username!r} is not a user name")
+    return SshUrl(parts.username, parts.hostname, port or 22)
+
+
+def load_identity(identity: Path) -> paramiko.PKey:
+    """--identity as a private key paramiko can use, read before connecting, so a wrong file
+    is named as such (UserFileError or TargetError), not reported as a refused login."""
+    read_bytes(identity, "--identity")
+    try:
+        return paramiko.PKey.from_path(identity)
+    except paramiko.PasswordRequiredException:
+        raise TargetError(
+            f"--identity {identity}: the private key is encrypted: "
+            "load it into ssh-agent and leave --identity out"
+        ) from None
+    except (paramiko.SSHException, ValueError, TypeError, UnicodeError) as exc:
+        raise TargetError(f"--identity {identity}: not a private key paramiko can read ({exc})") from None
 
 
 def connect(
     url: str, identity: Path | None = None, known_hosts: Path | None = None, timeout: float = CONNECT_TIMEOUT
 ) -> Shell:
-    """A shell on the host (host key checked against known_hosts), or TargetError naming host and cause."""
+    """A shell on the host (host key checked against known_hosts), or TargetError naming host and cause.
+
+    Everything the user gave (URL, key, known_hosts) is checked before any connection is made.
+    """
     where = parse_ssh_url(url)
+    key = load_identity(identity) if identity is not None else None
     # paramiko logs a traceback of its own for a peer that does not speak SSH: the error below says it.
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     client = paramiko.SSHClient()
     try:
         client.load_system_host_keys()
         if known_hosts is not None:
+            read_text(known_hosts, "--known-hosts")
             client.load_host_keys(str(known_hosts))
-    except (OSError, paramiko.SSHException) as exc:
-        raise TargetError(f"{known_hosts}: cannot read known hosts: {exc}") from None
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise TargetError(f"--known-hosts {known_hosts}: cannot read known hosts: {exc}") from None
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    if identity is not None and not identity.is_file():
-        raise TargetError(f"--identity {identity}: no such file")
+    try:
+        _connect(client, where, key, identity, timeout)
+    except BaseException:
+        client.close()  # paramiko's transport thread would otherwise outlive the error
+        raise
+    return Shell(f"{where.user}@{where.host}", client)
+
+
+def _connect(
+    client: paramiko.SSHClient,
+    where: SshUrl,
+    key: paramiko.PKey | None,
+    identity: Path | None,
+    timeout: float,
+) -> None:
     name = f"{where.host}:{where.port}"
     try:
         client.connect(
             where.host,
             where.port,
             username=where.user,
-            key_filename=str(identity) if identity else None,
+            pkey=key,
             timeout=timeout,
             banner_timeout=timeout,
             auth_timeout=timeout,
@@ -307,8 +354,8 @@ def connect(
     except paramiko.BadHostKeyException as exc:
         raise TargetError(f"{name}: host key mismatch ({exc.key.get_name()}): refusing to connect") from None
     except paramiko.AuthenticationException:
-        key = f"key {identity}" if identity else "the agent's and default keys"
-        raise TargetError(f"{name}: authentication refused for user {where.user} with {key}") from None
+        keys = f"key {identity}" if identity else "the agent's and default keys"
+        raise TargetError(f"{name}: authentication refused for user {where.user} with {keys}") from None
     except paramiko.ssh_exception.NoValidConnectionsError as exc:
         causes = "; ".join(sorted({getattr(e, "strerror", None) or str(e) for e in exc.errors.values()}))
         raise TargetError(f"{name}: unreachable: {causes}") from None
@@ -322,12 +369,23 @@ def connect(
                 f"{name}: host key unknown: add it to ~/.ssh/known_hosts (check its fingerprint first) "
                 "or pass --known-hosts FILE"
             ) from None
-        raise TargetError(f"{name}: not an SSH server, or SSH failed: {exc}") from None
+        raise TargetError(f"{name}: {_ssh_failure(exc, timeout)}") from None
     except (OSError, EOFError, ValueError) as exc:
-        raise TargetError(
-            f"{name}: unreachable: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}"
-        ) from None
-    return Shell(f"{where.user}@{where.host}", client)
+        cause = getattr(exc, "strerror", None) or str(exc) or "the connection was closed"
+        raise TargetError(f"{name}: unreachable: {cause}") from None
+
+
+def _ssh_failure(exc: paramiko.SSHException, timeout: float) -> str:
+    """paramiko's words for a peer that is not an SSH server, as a person would say it."""
+    text = str(exc) or type(exc).__name__
+    if "protocol banner" in text:
+        return f"not an SSH server: no SSH banner within {timeout:g}s (paramiko: {text})"
+    if "Incompatible version" in text:
+        return f"not an SSH-2 server: {text}"
+    if "No existing session" in text:
+        # The transport thread gave up (no usable banner) before the client noticed.
+        return f"not an SSH server: no usable SSH banner within {timeout:g}s, no SSH session began"
+    return f"not an SSH server, or it broke off the key exchange: {text}"
 
 
 def as_root(shell: Shell) -> Shell:

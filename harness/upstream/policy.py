@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from harness.errors import HarnessError
+from harness.names import dns_name_problem
 from harness.pki import CERT_KINDS
+from harness.userfiles import UserFileError, read_text
 
 TlsPolicy = Literal["starttls-required", "starttls-optional", "implicit", "none"]
 AuthPolicy = Literal["required", "optional", "none"]
@@ -88,10 +90,10 @@ class Profile:
 
 def load_profile(path: Path) -> Profile:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProfileError(str(path), None, "profile", f"cannot read: {exc.strerror}") from None
-    return parse_profile(text, str(path))
+        text = read_text(path)
+    except UserFileError as exc:
+        raise ProfileError(exc.path, exc.line, "profile", exc.message) from None
+    return parse_profile(text.removeprefix("\ufeff"), str(path))  # a BOM some editors write
 
 
 def parse_profile(text: str, source: str = "<profile>") -> Profile:
@@ -100,12 +102,18 @@ def parse_profile(text: str, source: str = "<profile>") -> Profile:
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"at line (\d+)", str(exc))
         raise ProfileError(source, int(m.group(1)) if m else None, "toml", str(exc)) from None
+    except RecursionError:
+        raise ProfileError(source, None, "toml", "arrays or tables nested too deeply") from None
     return _Reader(text, source).profile(data)
 
 
 def profile_from_data(data: dict[str, Any], source: str = "<profile>") -> Profile:
     """A profile given as data (a scenario's [upstream] table); its errors name the field only."""
     return _Reader("", source).profile(data)
+
+
+def _control(text: str) -> bool:
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
 
 
 class _Reader:
@@ -169,12 +177,19 @@ class _Reader:
         host = self._typed(data, "host", str, defaults.host)
         if not host:
             raise self.error("host", "must not be empty")
+        problem = dns_name_problem(host)
+        if problem is not None:
+            raise self.error("host", f"{problem} (the provider's host name, as in the relay URL)")
         port = self._typed(data, "port", int, defaults.port)
         if not 1 <= port <= 65535:
             raise self.error("port", f"{port} is not a port number (1-65535)")
         domains = self._typed(data, "sender_domains", list, [])
         if not all(isinstance(d, str) and d for d in domains):
             raise self.error("sender_domains", "must be a list of domain names")
+        for domain in domains:
+            problem = dns_name_problem(domain, allow_ip=False)
+            if problem is not None:
+                raise self.error("sender_domains", f"{problem} (a sender domain, without @)")
         return Profile(
             host=host,
             port=port,
@@ -196,6 +211,8 @@ class _Reader:
             user = entry.get("user")
             if not isinstance(user, str) or not user:
                 raise self.error(f"{name}.user", "a user name is required")
+            if _control(user):
+                raise self.error(f"{name}.user", "contains a control character (newline, NUL, ...)")
             if "password" in entry and "password_env" in entry:
                 raise self.error(f"{name}.password", "give password or password_env, not both")
             if "password_env" in entry:
@@ -209,6 +226,12 @@ class _Reader:
                 password = entry.get("password")
                 if not isinstance(password, str) or not password:
                     raise self.error(f"{name}.password", "a password (or password_env) is required")
+            if _control(password):
+                # AUTH PLAIN separates user and password by NUL; a newline ends an SMTP line.
+                field = f"{name}.password_env" if "password_env" in entry else f"{name}.password"
+                raise self.error(
+                    field, "contains a control character (NUL, newline, ...): no SMTP client can send it"
+                )
             out.append(Credential(user, password))
         return tuple(out)
 
