@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from harness.redact import Redactor
 from harness.relay import DELIVERY, RelayRun
 from harness.smtpdconf import Config, alias_tables, db_source, expand, parse_aliases
+from harness.smtpdconf.tables import ALIAS_KEY
 from harness.targets.base import Bundle, OutgoingMail
 from harness.upstream import MessageRecord, Profile, SessionRecord
 from harness.waiting import wait_until
 
+MAX_TARGETS_PER_ALIAS = 10  # a list of 100k users is not probed: smtpd would deliver 100k copies
 MAX_ALIAS_PROBES = 20
 PROBE_TIMEOUT = 10.0
 EXTERNAL_PROBE = "relay-harness-probe@example.com"
@@ -175,7 +177,16 @@ def plan_probes(bundle: Bundle, config: Config | None) -> tuple[list[Probe], lis
         if len(keys) > MAX_ALIAS_PROBES:
             notes.append(f"{path}: {len(keys)} aliases, probing the first {MAX_ALIAS_PROBES}")
         for key in keys[:MAX_ALIAS_PROBES]:
+            if not ALIAS_KEY.fullmatch(key):  # a host's table may hold one (check refuses it)
+                notes.append(f"alias {key!r}: not probed: not an address mail can be sent to")
+                continue
             targets = expand(aliases, key)
+            if len(targets) > MAX_TARGETS_PER_ALIAS:
+                notes.append(
+                    f"alias {key}: not probed: it expands to {len(targets)} targets (at most "
+                    f"{MAX_TARGETS_PER_ALIAS}), and smtpd would deliver the probe to every one"
+                )
+                continue
             for value in targets:
                 if value.startswith(("|", "/", ":include:")):
                     notes.append(f"alias {key}: {value!r} is not probed (program, file or include)")

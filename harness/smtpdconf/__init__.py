@@ -29,6 +29,7 @@ from harness.smtpdconf.parse import (
 )
 from harness.smtpdconf.relayurl import SCHEMES, RelayUrl, RelayUrlError, TlsMode, parse_relay_url
 from harness.smtpdconf.tables import (
+    alias_problem,
     alias_tables,
     auth_tables,
     db_source,
@@ -63,6 +64,7 @@ __all__ = [
     "Table",
     "TableRef",
     "TlsMode",
+    "alias_problem",
     "alias_tables",
     "auth_tables",
     "covers",

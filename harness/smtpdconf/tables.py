@@ -73,17 +73,62 @@ def parse_aliases(content: bytes) -> dict[str, list[str]]:
     return aliases
 
 
-def expand(aliases: dict[str, list[str]], key: str, depth: int = 0) -> list[str]:
-    """Where mail to `key` ends: values that are keys themselves are followed (bounded)."""
-    if depth > MAX_ALIAS_DEPTH:
-        return []
-    out: list[str] = []
-    for value in aliases.get(key, []):
-        if value in aliases and value != key:
-            out.extend(expand(aliases, value, depth + 1))
+def expand(aliases: dict[str, list[str]], key: str) -> list[str]:
+    """Where mail to `key` ends, each target once: values that are keys themselves are followed.
+
+    Each key is followed once: a key listed many times at many levels would otherwise multiply
+    (ten keys each naming the next ten times: 10^8 targets), and a loop would never end.
+    """
+    out: dict[str, None] = {}
+    seen = {key}
+    stack = [(key, iter(aliases.get(key, [])), 0)]
+    while stack:
+        owner, values, depth = stack[-1]
+        value = next(values, None)
+        if value is None:
+            stack.pop()
+        elif value in aliases and value != owner:  # `alice: alice` is alice's own mailbox
+            if value not in seen and depth < MAX_ALIAS_DEPTH:
+                seen.add(value)
+                stack.append((value, iter(aliases[value]), depth + 1))
         else:
-            out.append(value)
-    return out
+            out[value] = None
+    return list(out)
+
+
+# An aliases key: a local part (RFC 5322 dot-atom), or an address or `@domain` in a virtual table.
+_LOCAL_PART = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+ALIAS_KEY = re.compile(rf"(?:{_LOCAL_PART})?(?:@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)?")
+NOT_A_USER = ("|", "/", ":include:", '"|', '"/')  # programs, files and includes
+
+
+def alias_problem(content: bytes) -> tuple[int, str] | None:
+    """The first aliases(5) line a test host cannot have: (line, what is wrong), or None.
+
+    A key must be an address mail can be sent to; a value without @ that is not a program, file
+    or include is a local user the test host must create, so it must be a user name.
+    """
+    key = None
+    for number, raw in enumerate(content.decode("utf-8", "replace").splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if raw[0] in " \t":
+            values = raw
+        else:
+            name, sep, values = raw.partition(":")
+            if not sep:
+                continue
+            key = name.strip()
+            if not key:
+                return number, "an aliases line must start with the key mail is sent to (`key: value`)"
+            if not ALIAS_KEY.fullmatch(key):
+                return number, f"aliases key {key!r} is not a valid address or local user name"
+        for value in (v.strip() for v in values.split(",")):
+            if not value or "@" in value or value.startswith(NOT_A_USER) or value == "root":
+                continue
+            if not is_local_user(value) or len(value) > 32:
+                return number, f"alias {key!r}: {value!r} is neither an address nor a local user name"
+    return None
 
 
 def is_local_user(value: str) -> bool:
@@ -93,4 +138,11 @@ def is_local_user(value: str) -> bool:
 
 def local_users(aliases: dict[str, list[str]]) -> set[str]:
     """The local users an aliases table delivers to: they must exist on the host."""
-    return {value for key in aliases for value in expand(aliases, key) if is_local_user(value)}
+    # Every value that is no other key is where some key's mail ends: one pass over the values
+    # (expanding each of 100k keys would walk the same lists again and again).
+    return {
+        v
+        for key, values in aliases.items()
+        for v in values
+        if (v not in aliases or v == key) and is_local_user(v)
+    }

@@ -55,6 +55,23 @@ for rcpt, (code, text) in refused.items():
 """
 
 
+# The local users an aliases table delivers to, created as `useradd -M -N -s /usr/sbin/nologin`
+# would (no home made, group users, locked, uids above all others, nobody's 65534 skipped),
+# written to passwd/shadow by one awk per batch: an aliases file of 100k users is a few commands
+# in about 1.5 s (useradd takes 90 ms a user here: 2.5 hours).
+# Names come on stdin, one a line; the command line stays the same size whatever their number.
+USER_BATCH = 10_000
+ADD_USERS = r"""awk -F: -v OFS=: '
+FILENAME == "/etc/passwd" {
+    have[$1] = 1; if ($3 >= 1000 && $3 != 65534 && $3 != 65535 && $3 > top) top = $3 + 0; next
+}
+$0 != "" && !($0 in have) {
+    have[$0] = 1; top = (top < 1000 ? 1000 : top + 1); if (top == 65534) top = 65536
+    print $0, "x", top, 100, "", "/home/" $0, "/usr/sbin/nologin" >> "/etc/passwd"
+    print $0, "!", 19000, 0, 99999, 7, "", "", "" >> "/etc/shadow"
+}' /etc/passwd -"""
+
+
 class EnclosureLimit(TargetError):
     """The enclosure cannot run this (a path it may not write, an interface it lacks): use the lab."""
 
@@ -208,12 +225,9 @@ class SmtpdTarget(Target):
                 raise EnclosureLimit(
                     f"{self.name}: would write outside its private paths: {', '.join(outside)}"
                 )
-        if bundle.users:
-            names = " ".join(shlex.quote(u) for u in bundle.users)
-            self.check(
-                f'for u in {names}; do id -u "$u" >/dev/null 2>&1 || '
-                f'useradd -M -N -s /usr/sbin/nologin "$u"; done'
-            )
+        for start in range(0, len(bundle.users), USER_BATCH):
+            names = "".join(f"{u}\n" for u in bundle.users[start : start + USER_BATCH])
+            self.check(ADD_USERS, stdin=names.encode(), timeout=120)
         if bundle.config is not None:
             self.write_file(bundle.config_path, bundle.config.encode(), 0o644)
         for f in bundle.files:
