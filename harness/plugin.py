@@ -97,7 +97,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from harness.targets.select import parse_target
 
     try:
-        parse_target(config.getoption("relay_target"))
+        parse_target(config.getoption("relay_target"), flag="--relay-target")
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
 

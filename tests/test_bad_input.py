@@ -850,6 +850,39 @@ def test_malformed_scenarios_are_pytest_collection_errors(tmp_path: Path) -> Non
     assert "good.toml::relayed" in out, out
 
 
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [("docker", "expected lab or ssh://"), ("ssh://x", "ssh://USER@HOST"), ("ssh://root@a..b", "DNS name")],
+)
+def test_a_bad_relay_target_is_one_pytest_usage_error(tmp_path: Path, spec: str, says: str) -> None:
+    """pytest's --relay-target is refused at configure time, naming the option, no traceback."""
+    (tmp_path / "scenarios").mkdir()
+    (tmp_path / "scenarios" / "good.toml").write_text(GOOD_SCENARIO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--relay-target",
+            spec,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out  # pytest's usage error
+    assert not TRACEBACK.search(out), out
+    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and "--relay-target" in errors[0] and says in errors[0], out
+
+
 # == with the lab: inputs that are right but hostile in size or form, through a real check ============
 @pytest.fixture
 def lab_ok() -> None:

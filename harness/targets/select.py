@@ -34,7 +34,10 @@ class TargetSpec:
     known_hosts: Path | None = None
 
 
-def parse_target(text: str, identity: Path | None = None, known_hosts: Path | None = None) -> TargetSpec:
+def parse_target(
+    text: str, identity: Path | None = None, known_hosts: Path | None = None, flag: str = "--target"
+) -> TargetSpec:
+    """The spec, or HarnessError naming `flag` (pytest's is --relay-target) and what is wrong."""
     if text == "lab":
         return TargetSpec(text, "lab")
     if text.startswith("ssh://"):
@@ -43,9 +46,9 @@ def parse_target(text: str, identity: Path | None = None, known_hosts: Path | No
         try:
             parse_ssh_url(text)
         except TargetError as exc:
-            raise HarnessError(f"--target {exc}") from None
+            raise HarnessError(f"{flag} {exc}") from None
         return TargetSpec(text, "ssh", identity, known_hosts)
-    raise HarnessError(f"--target {text!r}: expected {SPECS}")
+    raise HarnessError(f"{flag} {text!r}: expected {SPECS}")
 
 
 @contextlib.contextmanager
