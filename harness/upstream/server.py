@@ -268,7 +268,7 @@ class _Recording:
             status = STARTTLS_FIRST
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
         if self.builder is not None:
-            self.builder.replies.append(text)
+            self.builder.replies.extend(text.split("\r\n"))  # several replies in one write: LMTP
         await super().push(status)  # type: ignore[misc]
 
     async def _handle_client(self) -> None:
@@ -413,9 +413,10 @@ class ProviderHandler:
             reply = f"250 2.0.0 Ok: queued as RH{next(self._queue_ids):06d}"
         server.finish_message((body, reply))
         if self.profile.protocol == "lmtp":
-            # LMTP answers once per accepted recipient (RFC 2033); aiosmtpd sends only one.
-            for _ in envelope.rcpt_tos[1:]:
-                await server.push(reply)
+            # LMTP answers once per accepted recipient (RFC 2033); aiosmtpd sends only one. The
+            # replies go out in one write, as an LMTP server that has them all sends them: the
+            # client then reads them together, whatever the scheduling of the two processes.
+            return "\r\n".join([reply] * max(1, len(envelope.rcpt_tos)))
         return reply
 
     async def handle_exception(self, error: Exception) -> str:
