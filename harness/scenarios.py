@@ -40,6 +40,7 @@ MARKERS = {
     "faults": "provider misbehaviour smtpd must survive",
     "grammar": "smtpd.conf grammar across OpenBSD 6.4, 6.6, 6.7",
     "lmtp": "LMTP relaying",
+    "matching": "match rules: first match wins, from/for variants, negation, reject",
 }
 
 _TOP = {
@@ -587,8 +588,9 @@ def judge_twin(positive: Case, twin_observation: Observation) -> TwinVerdict:
 INDEX_HEAD = """# Scenario library
 
 Each `*.toml` here is collected by pytest (`pytest scenarios/`, or `-k NAME`, `-m MARKER` with
-markers tls, auth, mail_from, aliases, documented_error, faults, grammar, lmtp) and runs against the
-real OpenSMTPD on a lab test host with the fake upstream. A case marked *twin of X* is X's broken
+markers tls, auth, mail_from, aliases, documented_error, faults, grammar, lmtp, matching) and runs
+against the real OpenSMTPD on a lab test host with the fake upstream (or, with `--relay-target
+emulated`, on the emulated smtpd). A case marked *twin of X* is X's broken
 twin: the same config broken in one place, and what must then be seen instead.
 
 Format (see `harness/scenarios.py`): top-level `config` (inline) or `config_file`, `[tables]`
