@@ -88,35 +88,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_banner(port: int, deadline: float) -> None:
+def wait_banner(port: int, deadline: float, host: str = "127.0.0.1") -> None:
     """Until the server answers with a 220 banner (smtp-sink says nothing when it is ready)."""
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            with socket.create_connection((host, port), timeout=1) as s:
                 if s.recv(64).startswith(b"220"):
                     s.sendall(b"QUIT\r\n")
                     return
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise BenchError(f"nothing answered on 127.0.0.1:{port}")
+            raise BenchError(f"nothing answered on {host}:{port}")
         time.sleep(0.02)  # polling a process that gives no readiness signal
 
 
 @contextlib.contextmanager
-def smtp_sink(root: Path) -> Iterator[int]:
-    port = free_port()
+def smtp_sink(root: Path, host: str = "127.0.0.1", port: int | None = None) -> Iterator[int]:
+    """smtp-sink listening on host:port (a free loopback port by default) until the block ends."""
+    port = free_port() if port is None else port
     cmd = [str(root / "usr" / "sbin" / "smtp-sink"), "-h", HOST]
     if os.geteuid() == 0:
         cmd += ["-u", "nobody"]
     proc = subprocess.Popen(
-        [*cmd, f"127.0.0.1:{port}", "256"],
+        [*cmd, f"{host}:{port}", "256"],
         env=postfix_env(root),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
-        wait_banner(port, time.monotonic() + 10)
+        wait_banner(port, time.monotonic() + 10, host)
         yield port
     finally:
         proc.terminate()

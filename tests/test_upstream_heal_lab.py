@@ -93,16 +93,20 @@ def test_submit_many_gives_one_result_per_message_and_relays_the_accepted(
         OutgoingMail("root", ("two@example.com",), user="no-such-user"),  # su fails on the host
         OutgoingMail("root@localhost", ("three@example.com",), via="smtp"),
         *(OutgoingMail("root", (f"bulk{i}@example.com",)) for i in range(40)),
+        # Over SMTP, past smtpd's 100 messages a session: the session is reopened, nothing lost.
+        *(OutgoingMail("load@example.org", (f"smtp{i}@example.com",), via="smtp") for i in range(150)),
     ]
     with relay_run(target, Bundle(CONFIG), PLAIN, relay_pki) as run:
         results = target.submit_many(mails)
         wanted = {"one@example.com", "three@example.com"} | {f"bulk{i}@example.com" for i in range(40)}
+        wanted |= {f"smtp{i}@example.com" for i in range(150)}
         recorder = run.upstream.recorder
 
         def relayed() -> set[str]:
             return {r for _, m in recorder.messages() if m.accepted for r in m.rcpt_to}
 
-        recorder.wait_for(lambda _: wanted <= relayed(), 30)
+        recorder.wait_for(lambda _: wanted <= relayed(), 60)
+        incoming = run.log.matching(r"smtp connected address=127\.0\.0\.1 ")
     assert len(results) == len(mails)
     assert [r.ok for r in results[:4]] == [True, False, False, True]
     assert all(r.ok for r in results[4:])
@@ -110,3 +114,4 @@ def test_submit_many_gives_one_result_per_message_and_relays_the_accepted(
     assert results[2].output.startswith("exited 1:") and "no-such-user" in results[2].output
     relayed = [r for _, m in recorder.messages() if m.accepted for r in m.rcpt_to]
     assert sorted(relayed) == sorted(wanted)  # each once; the refused two never left the host
+    assert len(incoming) == 2  # 151 SMTP messages in one session kept open, reopened after 100

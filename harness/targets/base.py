@@ -151,6 +151,11 @@ class LogFollower:
         with self._cond:
             return self._cond.wait_for(lambda: self._closed, timeout)
 
+    def lines_since(self, index: int) -> list[str]:
+        """The lines from `index` on (a reader that follows a long log keeps its own index)."""
+        with self._cond:
+            return self._lines[index:]
+
     def mark(self) -> int:
         """A position; `wait_for(..., since=mark)` ignores lines logged before it."""
         with self._cond:

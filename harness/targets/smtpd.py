@@ -12,7 +12,7 @@ import json
 import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
@@ -97,11 +97,51 @@ def submission_command(mail: OutgoingMail, sendmail: str = "/usr/sbin/sendmail")
 
 
 # Many submissions in one command: the host's python3 reads `JSON header line + message` pairs
-# from stdin and runs each message's own submission command (the argv `submit` would run) with the
-# message on its stdin, printing one JSON result line per message. Bounded per message and per batch.
+# from stdin and prints one JSON result line per message. A header is either the argv `submit`
+# would run for that message (sendmail, su ...), run with the message on its stdin, or an SMTP
+# submission as root, sent over one session kept open per listener: a session smtpd ends (its
+# `smtp limit max-mails`, 100 by default) is reopened, and a message is sent again only when
+# smtpd refused it at MAIL or the session was gone before it (nothing of it was taken).
+# Bounded: 30 s per message, the batch's deadline, two tries per SMTP message.
 _BULK_SUBMIT = r"""
-import json, subprocess, sys, time
+import json, smtplib, subprocess, sys, time
 deadline = time.monotonic() + float(sys.argv[1])
+sessions = {}
+
+def smtp(job, body):
+    host, port, sender, rcpts = job["smtp"]
+    for attempt in (1, 2):
+        conn = sessions.pop((host, port), None)
+        try:
+            conn = conn or smtplib.SMTP(host, port, timeout=30)
+            conn.ehlo_or_helo_if_needed()
+            code, text = conn.mail(sender)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, text, sender)
+        except (OSError, smtplib.SMTPException) as exc:
+            if conn is not None:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+            if attempt == 2:
+                return 1, f"SMTP to {host}:{port}: {exc}"
+            continue
+        try:
+            refused = {}
+            for rcpt in rcpts:
+                code, text = conn.rcpt(rcpt)
+                if code not in (250, 251):
+                    refused[rcpt] = (code, text)
+            if len(refused) == len(rcpts):
+                conn.rset()
+                raise smtplib.SMTPRecipientsRefused(refused)
+            conn.data(body)
+        except (OSError, smtplib.SMTPException) as exc:
+            return 1, f"SMTP to {host}:{port}: {exc}"
+        sessions[(host, port)] = conn
+        return 0, "".join(f"refused {r}: {c} {t.decode()}\n" for r, (c, t) in refused.items())
+
 inp = sys.stdin.buffer
 while True:
     head = inp.readline()
@@ -112,6 +152,8 @@ while True:
     left = deadline - time.monotonic()
     if left <= 0:
         rc, out = -1, "not submitted: the batch ran out of time"
+    elif "smtp" in job:
+        rc, out = smtp(job, body)
     else:
         try:
             done = subprocess.run(job["argv"], input=body, capture_output=True, timeout=min(30.0, left))
@@ -119,17 +161,30 @@ while True:
         except (OSError, subprocess.TimeoutExpired) as exc:
             rc, out = -1, str(exc)
     print(json.dumps({"rc": rc, "out": out.strip()[-500:]}), flush=True)
+for conn in sessions.values():
+    try:
+        conn.quit()
+    except (OSError, smtplib.SMTPException):
+        pass
 """
 BULK_BATCH = 1000  # messages per command: keeps stdin and the result stream small
 NOT_FOUND = 127  # the shell's "command not found": a host without python3
 
 
-def bulk_submission(jobs: Sequence[tuple[list[str], bytes]]) -> tuple[str, bytes, float]:
-    """The command, its stdin and its time bound for running (argv, message) jobs in one go."""
+def bulk_job(mail: OutgoingMail, sendmail: str) -> dict[str, Any]:
+    """How the bulk script submits `mail`; the same checks and commands as `submit`."""
+    argv = shlex.split(submission_command(mail, sendmail))  # refuses what `submit` refuses
+    if mail.via == "smtp" and mail.user == "root":
+        return {"smtp": [mail.smtp_address, mail.smtp_port, mail.sender, list(mail.recipients)]}
+    return {"argv": argv}
+
+
+def bulk_submission(jobs: Sequence[tuple[dict[str, Any], bytes]]) -> tuple[str, bytes, float]:
+    """The command, its stdin and its time bound for running (job, message) pairs in one go."""
     seconds = 60 + 0.1 * len(jobs)
     stream = bytearray()
-    for argv, body in jobs:
-        stream += json.dumps({"argv": argv, "size": len(body)}).encode() + b"\n" + body
+    for job, body in jobs:
+        stream += json.dumps({**job, "size": len(body)}).encode() + b"\n" + body
     return f"python3 -c {shlex.quote(_BULK_SUBMIT)} {seconds:g}", bytes(stream), seconds
 
 
@@ -296,15 +351,15 @@ class SmtpdTarget(Target):
 
     def submit_many(self, mails: Sequence[OutgoingMail]) -> list[Submission]:
         results: list[Submission | None] = [None] * len(mails)
-        jobs: list[tuple[int, list[str], bytes]] = []
+        jobs: list[tuple[int, dict[str, Any], bytes]] = []
         for i, mail in enumerate(mails):
             try:
-                jobs.append((i, shlex.split(submission_command(mail, self.sendmail)), mail.as_bytes()))
+                jobs.append((i, bulk_job(mail, self.sendmail), mail.as_bytes()))
             except TargetError as exc:
                 results[i] = Submission(False, str(exc))
         for start in range(0, len(jobs), BULK_BATCH):
             batch = jobs[start : start + BULK_BATCH]
-            command, stdin, seconds = bulk_submission([(argv, body) for _, argv, body in batch])
+            command, stdin, seconds = bulk_submission([(job, body) for _, job, body in batch])
             result = self.run(command, stdin=stdin, timeout=seconds + 30)
             if start == 0 and result.returncode == NOT_FOUND and not result.stdout:
                 return super().submit_many(mails)  # no python3 on this host: one command a message
