@@ -25,7 +25,9 @@ from harness.targets.lab import Lab, LabHost
 pytestmark = pytest.mark.lab
 
 DATA = Path(__file__).parent / "data" / "check"
-LISTENERS = "ss -Hltnx | awk '{print $4}' | sort"
+# Every listening socket of the host's network namespace by its address: TCP and UDP ports and
+# Unix sockets, abstract ones included (`ss` prints the Netid first when given several kinds).
+LISTENERS = "ss -Hlntux | awk '{print $1, $5}' | sort"
 
 
 def ssh_args(lab: Lab, host: LabHost) -> list[str]:
