@@ -606,6 +606,7 @@ class Lab:
             clean_stale()  # what killed runs left, before adding to it
         with _signals_deferred():
             self.dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
+            self._owner = _hold_owner_lock(self.dir)
         try:
             host_private, host_public = _key_pair()
             self.host_key_pem = host_private
@@ -677,6 +678,8 @@ class Lab:
                 host.destroy()
             self.hosts.clear()
             shutil.rmtree(self.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.close(self._owner)
 
     def __enter__(self) -> Lab:
         return self
@@ -774,10 +777,40 @@ def clean_stale(kept: bool = False) -> list[str]:
         removed.append(f"namespace {netns}")
     for path in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
         owner_m = re.match(rf"{TMP_PREFIX}(\d+)-", path.name)
-        if owner_m and _start_time(int(owner_m.group(1))) is None and path not in spared:
+        dead = owner_m is not None and _start_time(int(owner_m.group(1))) is None
+        if dead and path not in spared and not _in_use(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(f"directory {path}")
     return removed
+
+
+OWNER_LOCK = ".owner.lock"
+
+
+def _hold_owner_lock(directory: Path) -> int:
+    """A shared flock on a file in the lab's dir, held as long as the process lives.
+
+    A pid says little across PID namespaces (a cleaner in another one sees no such process), a
+    lock the kernel holds for a live owner says it everywhere: `clean_stale` spares a locked dir.
+    """
+    fd = os.open(directory / OWNER_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _in_use(directory: Path) -> bool:
+    """Whether a live process still holds the dir's owner lock (see `_hold_owner_lock`)."""
+    try:
+        fd = os.open(directory / OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # an older version's dir, or one being removed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _wait_gone(pid: int, timeout: float = END_TIMEOUT) -> None:
