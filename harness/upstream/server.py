@@ -235,7 +235,7 @@ class _Recording:
             return
         transport = self.raw_transport or self.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None:
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):  # not a socketpair
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
