@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.bundle import BundleError, TableInput, declared_tables
-from harness.bundle import build_bundle as build_bundle_of
+from harness.bundle import BundleError, TableInput, build_bundle, declared_tables
 from harness.errors import HarnessError
-from harness.expectations import Expectations, Mismatch, evaluate, parse_expectations, validate
+from harness.expectations import Expectations, Mismatch, evaluate
+from harness.expectations_parse import parse_expectations, validate
 from harness.observation import Observation, Submission
 from harness.pki import TestPki
 from harness.redact import Redactor
@@ -437,8 +437,12 @@ def _mails(raw: Any, loc: _Locator, index: int) -> tuple[Mail, ...]:
     return tuple(mails)
 
 
-def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str, pki: TestPki | None = None) -> Bundle:
-    """The case's config with its tables at the paths the config names (db: tables via makemap)."""
+def _case_bundle(case: Case, secret_tables: tuple[str, ...], pki: TestPki) -> Bundle:
+    """The case's config with its tables at the paths the config names (db: tables via makemap).
+
+    Every table was checked against the config when the file loaded (`_check_tables`), so the
+    bundle builder's own refusal cannot happen here.
+    """
     try:
         config = parse_config(case.config, "/etc/smtpd.conf")
     except ConfigSyntaxError:
@@ -449,22 +453,17 @@ def build_bundle(case: Case, secret_tables: tuple[str, ...], path: str, pki: Tes
         tables[name] = TableInput(content.encode(), built_from=stale.encode() if stale is not None else None)
     extra = []
     for ca_path, source in case.ca_files.items():
-        if pki is None:
-            raise ScenarioError(path, case.line, "ca_files", "needs the harness's PKI to write CA files")
         ca = pki.ca if source == "test" else pki.other_ca
         extra.append(BundleFile(ca_path, ca.cert_pem.bytes()))
     mbox = case.expect.mbox.user if case.expect.mbox else None
-    try:
-        return build_bundle_of(
-            case.config,
-            config,
-            tables,
-            secret_tables=secret_tables,
-            extra_files=extra,
-            extra_users=[mbox] if mbox else [],
-        )
-    except BundleError as exc:
-        raise ScenarioError(path, case.line, f"tables.{exc.name}", str(exc)) from None
+    return build_bundle(
+        case.config,
+        config,
+        tables,
+        secret_tables=secret_tables,
+        extra_files=extra,
+        extra_users=[mbox] if mbox else [],
+    )
 
 
 def run_case(target: Target, scenario: Scenario, case: Case, pki: TestPki) -> CaseOutcome:
@@ -473,7 +472,7 @@ def run_case(target: Target, scenario: Scenario, case: Case, pki: TestPki) -> Ca
     A twin's observation also holds what its positive's expectations look at (their mailboxes),
     so that `judge_twin` can judge it by them without another run.
     """
-    bundle = build_bundle(case, scenario.secret_tables, str(scenario.path), pki)
+    bundle = _case_bundle(case, scenario.secret_tables, pki)
     judged = [case.expect]
     if case.twin_of is not None:
         judged.append(scenario.case(case.twin_of).expect)
