@@ -62,6 +62,7 @@ _CASE = {
     "description",
     "markers",
     "twin_of",
+    "no_twin",
     "stale_tables",
     "send",
     "config_replace",
@@ -106,6 +107,7 @@ class Case:
     mails: tuple[Mail, ...]
     expect: Expectations
     line: int | None
+    no_twin: str | None = None  # why this positive cannot have a broken twin (rarely true)
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ def load_scenario(path: Path) -> Scenario:
             raise loc.error("twin_of", f"no case named {case.twin_of!r} in this file", i)
         if case.twin_of == case.name:
             raise loc.error("twin_of", "a case cannot be its own twin: name the positive it breaks", i)
+    _check_every_positive_has_a_twin(cases, loc)
     secret = data.get("secret_tables", ["secrets"])
     if not isinstance(secret, list) or not all(isinstance(t, str) for t in secret):
         raise loc.error("secret_tables", "must be a list of table names")
@@ -232,6 +235,32 @@ def load_scenario(path: Path) -> Scenario:
     if not isinstance(description, str):
         raise loc.error("description", "must be a string")
     return Scenario(path, description, cases, tuple(secret))
+
+
+def _check_every_positive_has_a_twin(cases: tuple[Case, ...], loc: _Locator) -> None:
+    """The project's rule, at load time: a case that passes must be shown to fail when broken.
+
+    Every case that is not itself a twin needs a case with `twin_of` naming it, or an explicit
+    `no_twin` reason; an exemption whose case has a twin after all is stale and refused too.
+    """
+    twinned = {c.twin_of for c in cases if c.twin_of is not None}
+    for i, case in enumerate(cases):
+        if case.no_twin is not None and case.name in twinned:
+            twins = ", ".join(c.name for c in cases if c.twin_of == case.name)
+            raise loc.error("no_twin", f"{case.name} has a broken twin ({twins}): remove no_twin", i)
+    lacking = [
+        i for i, c in enumerate(cases) if c.twin_of is None and c.no_twin is None and c.name not in twinned
+    ]
+    if lacking:
+        names = ", ".join(cases[i].name for i in lacking)
+        raise ScenarioError(
+            loc.path,
+            loc.line("name", lacking[0]),
+            "twin_of",
+            f'no broken twin for {names}: add a case with twin_of = "NAME" whose override breaks what '
+            "NAME pins and whose expectations say how it breaks (or, if it truly cannot have one, "
+            'no_twin = "why")',
+        )
 
 
 def _known(
@@ -311,6 +340,11 @@ def _case(
     twin_of = raw.get("twin_of")
     if twin_of is not None and not isinstance(twin_of, str):
         raise loc.error("twin_of", "must name another case of this file (the positive it breaks)", index)
+    no_twin = raw.get("no_twin")
+    if no_twin is not None and (not isinstance(no_twin, str) or not no_twin.strip()):
+        raise loc.error("no_twin", "must say why this case cannot have a broken twin (a string)", index)
+    if no_twin is not None and twin_of is not None:
+        raise loc.error("no_twin", "a twin needs no twin of its own: remove no_twin", index)
     replacements = raw.get("config_replace", [])
     pairs_ok = isinstance(replacements, list) and all(
         isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)
@@ -355,6 +389,7 @@ def _case(
         mails=_mails(raw.get("send"), loc, index),
         expect=expect,
         line=loc.line("name", index),
+        no_twin=no_twin,
     )
 
 
@@ -615,6 +650,8 @@ happen has happened, or the timeout; then what was seen is judged. Without `conf
 must accept the config, without `submission_refused` every submission must be accepted. A twin
 must also fail at least one expectation of its positive, judged on the twin's outcome (the report
 says which: `twin discriminated by: ...`); a twin that meets them all fails: the pair proves nothing.
+Every case that is not a twin has at least one (a file where one lacks it does not load); a case
+that cannot have one says why in `no_twin`, shown here.
 
 This index is generated: `relay-harness scenarios scenarios/ > scenarios/README.md`.
 """
@@ -635,6 +672,7 @@ def index_markdown(root: Path) -> str:
         for case in scenario.cases:
             what = case.description or case.expect.toml()
             twin = f" *(twin of {case.twin_of})*" if case.twin_of else ""
+            twin += f" *(no twin: {case.no_twin})*" if case.no_twin else ""
             out.append(f"- `{case.name}`{twin}: {what}")
         out.append("")
     return "\n".join(out)

@@ -11,7 +11,8 @@ import pytest
 
 from harness.cli import main as cli_main
 from harness.expectations import ConfigError, Relayed, Tls
-from harness.scenarios import ScenarioError, index_markdown, load_scenario
+from harness.pki import TestPki
+from harness.scenarios import ScenarioError, _case_bundle, index_markdown, load_scenario
 
 pytest_plugins = ["pytester"]
 LIBRARY = Path(__file__).parent.parent / "scenarios"
@@ -337,7 +338,7 @@ def test_scenarios_index_of_a_missing_directory_is_a_usage_error(
     assert "no *.toml scenario files" in capsys.readouterr().err
 
 
-def test_every_library_file_has_a_broken_twin_and_is_indexed() -> None:
+def test_every_library_file_is_indexed() -> None:
     index = (LIBRARY / "README.md").read_text()
     assert index == index_markdown(LIBRARY), (
         "regenerate: relay-harness scenarios scenarios/ > scenarios/README.md"
@@ -345,7 +346,111 @@ def test_every_library_file_has_a_broken_twin_and_is_indexed() -> None:
     files = sorted(LIBRARY.rglob("*.toml"))
     assert len(files) >= 10
     for path in files:
-        scenario = load_scenario(path)
-        assert any(c.twin_of for c in scenario.cases), f"{path} has no broken twin"
-        for case in scenario.cases:
+        for case in load_scenario(path).cases:
             assert f"`{case.name}`" in index, f"{path}::{case.name} missing from scenarios/README.md"
+
+
+# Positives of the library exempted from the twin rule, each with its reason in the TOML. Adding
+# one here is a deliberate act: a case that cannot be shown to fail proves little.
+LIBRARY_NO_TWIN: dict[str, str] = {}
+
+
+def test_every_positive_case_of_the_library_has_a_broken_twin() -> None:
+    """The rule, over the whole library, recomputed here rather than trusted to the loader."""
+    problems, exempt = [], {}
+    for path in sorted(LIBRARY.rglob("*.toml")):
+        rel = path.relative_to(LIBRARY).as_posix()
+        try:
+            scenario = load_scenario(path)
+        except ScenarioError as exc:
+            problems.append(str(exc))
+            continue
+        twinned = {c.twin_of for c in scenario.cases if c.twin_of}
+        for case in scenario.cases:
+            if case.no_twin is not None:
+                exempt[f"{rel}::{case.name}"] = case.no_twin
+            elif case.twin_of is None and case.name not in twinned:
+                problems.append(f"{rel}::{case.name} has no broken twin")
+    assert not problems, "\n".join(problems)
+    assert exempt == LIBRARY_NO_TWIN
+
+
+def test_every_library_case_builds_its_bundle() -> None:
+    """Tables are checked at load time, so building a case's bundle cannot refuse one at run time."""
+    pki = TestPki()
+    for path in sorted(LIBRARY.rglob("*.toml")):
+        scenario = load_scenario(path)
+        for case in scenario.cases:
+            bundle = _case_bundle(case, scenario.secret_tables, pki)
+            assert bundle.config == case.config, f"{path}::{case.name}"
+
+
+WITHOUT_TWIN = GOOD.replace('twin_of = "relayed"\n', "")
+
+
+def test_a_positive_without_a_broken_twin_is_a_load_error_naming_every_such_case(tmp_path: Path) -> None:
+    path = write(tmp_path, WITHOUT_TWIN)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    assert (err.value.field, err.value.line) == ("twin_of", 19), str(err.value)
+    assert str(err.value).startswith(f"{path}:19: twin_of: no broken twin for relayed, refused: ")
+    assert 'no_twin = "why"' in str(err.value)
+
+
+def test_no_twin_exempts_a_case_with_its_reason_shown_in_the_index(tmp_path: Path) -> None:
+    reason = "smtpd refusing the config is the whole point"
+    one = WITHOUT_TWIN.replace('name = "refused"\n', f'name = "refused"\nno_twin = "{reason}"\n')
+    path = write(tmp_path, one)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    assert "no broken twin for relayed:" in str(err.value)
+    both = one.replace('name = "relayed"\n', 'name = "relayed"\nno_twin = "a second reason"\n')
+    write(tmp_path, both)
+    scenario = load_scenario(path)
+    assert [c.no_twin for c in scenario.cases] == ["a second reason", reason]
+    assert f"*(no twin: {reason})*" in index_markdown(tmp_path / "scenarios")
+
+
+@pytest.mark.parametrize(
+    ("broken", "line", "message"),
+    [
+        (
+            GOOD.replace('name = "relayed"\n', 'name = "relayed"\nno_twin = ""\n'),
+            20,
+            "must say why this case cannot have a broken twin",
+        ),
+        (
+            GOOD.replace('name = "relayed"\n', 'name = "relayed"\nno_twin = 5\n'),
+            20,
+            "must say why this case cannot have a broken twin",
+        ),
+        (
+            GOOD.replace('name = "relayed"\n', 'name = "relayed"\nno_twin = "none needed"\n'),
+            20,
+            "relayed has a broken twin (refused): remove no_twin",
+        ),
+        (
+            GOOD.replace('twin_of = "relayed"\n', 'twin_of = "relayed"\nno_twin = "x"\n'),
+            27,
+            "a twin needs no twin of its own",
+        ),
+    ],
+    ids=["empty", "not a string", "stale: it has a twin", "on a twin"],
+)
+def test_a_bad_no_twin_is_a_load_error(tmp_path: Path, broken: str, line: int, message: str) -> None:
+    path = write(tmp_path, broken)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    assert (err.value.field, err.value.line) == ("no_twin", line), str(err.value)
+    assert message in err.value.message
+
+
+def test_plugin_reports_a_positive_without_a_twin_as_a_collection_error(pytester: pytest.Pytester) -> None:
+    (pytester.path / "scenarios").mkdir()
+    (pytester.path / "scenarios" / "lonely.toml").write_text(WITHOUT_TWIN)
+    result = pytester.runpytest("scenarios", "--collect-only", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(
+        ["*malformed scenario: *lonely.toml:19: twin_of: no broken twin for relayed, refused*"]
+    )
+    assert "Traceback" not in result.stdout.str()
