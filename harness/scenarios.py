@@ -216,7 +216,6 @@ def load_scenario(path: Path) -> Scenario:
             raise loc.error("twin_of", f"no case named {case.twin_of!r} in this file", i)
         if case.twin_of == case.name:
             raise loc.error("twin_of", "a case cannot be its own twin: name the positive it breaks", i)
-    _check_every_positive_has_a_twin(cases, loc)
     secret = data.get("secret_tables", ["secrets"])
     if not isinstance(secret, list) or not all(isinstance(t, str) for t in secret):
         raise loc.error("secret_tables", "must be a list of table names")
@@ -234,6 +233,7 @@ def load_scenario(path: Path) -> Scenario:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise loc.error("description", "must be a string")
+    _check_every_positive_has_a_twin(cases, loc)  # last: a field's own error is the one to see first
     return Scenario(path, description, cases, tuple(secret))
 
 

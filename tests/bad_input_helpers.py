@@ -57,6 +57,14 @@ send = { to = ["bob@example.com"] }
 [case.expect]
 relayed = true
 mail_from = "root@example.org"
+
+[[case]]
+name = "no-starttls"
+twin_of = "relayed"
+upstream = { tls = "none", auth = "none" }
+[case.expect]
+relayed = false
+log = ["mta error reason=TLS required but not supported by remote host"]
 """
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s+File \".*\", line \d+", re.MULTILINE)
 Snapshot = dict[str, tuple[str, int, str]]
