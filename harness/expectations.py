@@ -192,6 +192,10 @@ class RcptTo(Expectation):
         got = sorted({r for m in messages for r in m.rcpt_to})
         return [] if got == wanted else [Mismatch(self.key, f"RCPT TO {wanted}", f"RCPT TO {got}")]
 
+    def pending(self, obs: Observation) -> bool:
+        """Until each recipient is accepted: a case's messages may arrive one after the other."""
+        return not set(self.value) <= {r for m in obs.accepted_messages() for r in m.rcpt_to}
+
 
 @dataclass(frozen=True, slots=True)
 class Log(Expectation):

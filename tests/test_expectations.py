@@ -248,6 +248,11 @@ def test_pending_is_what_waiting_waits_for() -> None:
     assert expect.pending(NOTHING)
     assert not expect.pending(RELAYED)  # the queue is judged at the end, never waited for
     assert not Expectations(relayed=Relayed(False), log_absent=LogAbsent(("x",))).pending(NOTHING)
+    # Two messages: relayed is met by the first; rcpt_to waits for the second to be accepted too.
+    both = Expectations(relayed=Relayed(True), rcpt_to=RcptTo(("bob@example.com", "carol@example.com")))
+    assert both.pending(RELAYED)
+    carol = session(messages=(message(), message("carol@example.com")))
+    assert not both.pending(Observation(ACCEPTED, SENT, (carol,), (RELAYED_LINE,)))
 
 
 def test_a_release_override_replaces_only_the_groups_it_gives() -> None:
