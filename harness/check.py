@@ -41,8 +41,9 @@ class CheckUsageError(HarnessError):
 class CheckReport:
     config: str
     target: str
-    verdict: str  # "pass", "fail", "refused"
+    verdict: str  # "pass", "fail", "refused", "error" (the check could not run: `error` says why)
     results: list[ProbeResult] = field(default_factory=list)
+    error: str | None = None
     refusal: str | None = None
     refusal_line: int | None = None
     findings: list[Finding] = field(default_factory=list)

@@ -17,10 +17,14 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from harness.errors import HarnessError
 from harness.names import dns_name_problem
+
+if TYPE_CHECKING:
+    from harness.check import CheckReport
+    from harness.userfiles import Output
 from harness.pki import TestPki
 from harness.upstream import SessionRecord, UpstreamServer, load_profile
 from harness.userfiles import MAX_CONFIG_BYTES, outputs, read_text
@@ -141,28 +145,52 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Run the config in a real smtpd (a lab test host, or a sandbox on --target ssh://...)."""
-    from harness.check import CheckInput, check_input, parse_table_flags, read_tables, run_check
-    from harness.report import check_junit_xml, json_bytes, json_report, text_report
+    """Run the config in a real smtpd (a lab test host, or a sandbox on --target ssh://...).
+
+    The JSON and JUnit reports are written for every outcome once their paths are known to be
+    good: a CI dashboard shows an exit 2 (the check could not run, and why) as an error, not as
+    a missing report.
+    """
+    from harness.check import (
+        CheckInput,
+        CheckReport,
+        check_input,
+        parse_table_flags,
+        read_tables,
+        run_check,
+    )
+    from harness.report import text_report
     from harness.targets.select import parse_target, run_on
 
-    config_text = read_text(args.config, limit=MAX_CONFIG_BYTES)
-    profile = load_profile(args.upstream)
-    tables = parse_table_flags(args.table or [])
-    spec = parse_target(args.target, args.identity, args.known_hosts)
-    inp = CheckInput(args.config, config_text, profile, tables, read_tables(tables))
-    check_input(inp)
-    inputs = [args.config, args.upstream, *tables.values()]
-    reports = outputs({"--report-json": args.report_json, "--junit": args.junit}, inputs)
-    pki = TestPki()
-    report, notes = run_on(spec, pki, profile.port, lambda target: run_check(target, inp, pki))
+    given = [Path(v.partition("=")[2]) for v in args.table or [] if "=" in v]
+    reports = outputs(
+        {"--report-json": args.report_json, "--junit": args.junit}, [args.config, args.upstream, *given]
+    )
+    try:
+        config_text = read_text(args.config, limit=MAX_CONFIG_BYTES)
+        profile = load_profile(args.upstream)
+        tables = parse_table_flags(args.table or [])
+        spec = parse_target(args.target, args.identity, args.known_hosts)
+        inp = CheckInput(args.config, config_text, profile, tables, read_tables(tables))
+        check_input(inp)
+        pki = TestPki()
+        report, notes = run_on(spec, pki, profile.port, lambda target: run_check(target, inp, pki))
+    except HarnessError as exc:
+        _check_reports(reports, CheckReport(str(args.config), args.target or "lab", "error", error=str(exc)))
+        raise
     report.notes.extend(notes)
     print(text_report(report), flush=True)
+    _check_reports(reports, report)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _check_reports(reports: dict[str, Output], report: CheckReport) -> None:
+    from harness.report import check_junit_xml, json_bytes, json_report
+
     if "--report-json" in reports:
         reports["--report-json"].write(json_bytes(json_report(report)))
     if "--junit" in reports:
         reports["--junit"].write(check_junit_xml(report))
-    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_accept(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from harness.redact import Redactor
 from harness.relay import DELIVERY, RelayRun
 from harness.smtpdconf import Config, alias_tables, db_source, expand, parse_aliases
 from harness.smtpdconf.tables import ALIAS_KEY
-from harness.targets.base import Bundle, OutgoingMail
+from harness.targets.base import Bundle, MailRefused, OutgoingMail
 from harness.upstream import MessageRecord, Profile, SessionRecord
 from harness.waiting import wait_until
 
@@ -218,18 +218,44 @@ class SentProbe:
     token: str  # in the subject: tells this probe's message from the others at the upstream
     mark: int  # smtpd's log position when it was submitted
     started: float
+    refused: str | None = None  # smtpd's reply when it refused the submission itself
 
 
 def submit_probe(run: RelayRun, probe: Probe) -> SentProbe:
     started = time.monotonic()
     token = secrets.token_hex(4)
     mail = OutgoingMail("root", (probe.recipient,), subject=f"relay-harness probe {probe.name} {token}")
-    return SentProbe(probe, token, run.send(mail), started)
+    mark = run.log.mark()
+    try:
+        run.target.submit(mail)
+    except MailRefused as refused:
+        return SentProbe(probe, token, mark, started, refused.reply)
+    return SentProbe(probe, token, mark, started)
+
+
+def _refused(sent: SentProbe, profile: Profile) -> ProbeResult:
+    """smtpd refused the probe at submission: its config's rules (a `match` with `reject`, or
+    none that takes mail from local for this recipient) decided, so this is the config's fault."""
+    probe, reply = sent.probe, sent.refused or ""
+    if probe.expect.startswith("local:"):
+        expected = f"delivered to {probe.expect[6:]}'s mailbox"
+        rule = 'match from local for local action "LOCAL"'
+    else:
+        wanted = probe.expect[6:] if probe.expect.startswith("relay:") else probe.recipient
+        expected = _relay_expected(profile, wanted)
+        rule = 'match from local for any action "RELAY"'
+    hint = (
+        f"smtpd itself refused it at submission: no `match` of the config takes mail from local for "
+        f"<{probe.recipient}>, or one rejects it: add `{rule}` (or remove the `reject` that catches it)"
+    )
+    return ProbeResult(probe, False, expected, f"refused at submission: {reply}", [f"smtpd: {reply}"], hint)
 
 
 def await_probe(run: RelayRun, sent: SentProbe, profile: Profile, redactor: Redactor) -> ProbeResult:
     probe = sent.probe
-    if probe.expect.startswith("local:"):
+    if sent.refused is not None:
+        result = _refused(sent, profile)
+    elif probe.expect.startswith("local:"):
         result = _wait_local(run, probe, probe.expect[6:], sent.token, sent.mark)
     else:
         wanted = probe.expect[6:] if probe.expect.startswith("relay:") else probe.recipient
@@ -257,9 +283,7 @@ def run_probes(run: RelayRun, probes: list[Probe], profile: Profile, redactor: R
 def _wait_relay(
     run: RelayRun, probe: Probe, rcpt: str, token: str, mark: int, profile: Profile
 ) -> ProbeResult:
-    expected = f"arrives at {profile.host}:{profile.port} for {rcpt} over TLS={_tls_word(profile.tls)}" + (
-        ", authenticated" if profile.auth == "required" else ""
-    )
+    expected = _relay_expected(profile, rcpt)
     recorder = run.upstream.recorder
 
     def decide() -> _Seen | None:
@@ -283,7 +307,7 @@ def _wait_relay(
                 continue  # a bounce report repeats one envelope's delivery line, not the route's state
             failure = failure_for(line)  # route-level failures: every relayed probe shares them
             if failure is not None:
-                return _Seen(line=line, hint=failure.hint)
+                return _wrong_port(line, run.log.lines, profile) or _Seen(line=line, hint=failure.hint)
         stuck = _route_disabled(run.log.lines) or _no_tls_on_implicit_port(run.log.lines, profile)
         if stuck is not None:
             return stuck
@@ -318,6 +342,37 @@ def _wait_relay(
         evidence,
         None,
     )
+
+
+def _wrong_port(line: str, lines: list[str], profile: Profile) -> _Seen | None:
+    """A connection failure on another port than the provider's: the fix names both ports.
+
+    smtpd logs where it dialled (`mta connecting address=smtp+tls://192.0.2.10:2525`) under the
+    same session id as the error; a relay URL without a port dials the scheme's default.
+    """
+    if not re.search(r"mta error reason=.*(Connection refused|timed out|Network is unreachable)", line):
+        return None
+    session = line.split(" ", 1)[0]
+    for earlier in reversed(lines):
+        m = re.match(rf"{re.escape(session)} mta connecting address=(\S+):(\d+)(?: |$)", earlier)
+        if m is None:
+            continue
+        port = int(m.group(2))
+        if port == profile.port:
+            return None
+        return _Seen(
+            line=line,
+            hint=f"smtpd dials port {port} (the relay URL's port, or its scheme's default when it names "
+            f"none) but the provider listens on port {profile.port} (the profile's): write :{profile.port} "
+            f"in the relay URL, or correct the profile's port if the provider really listens on {port}",
+            context=(earlier,),
+        )
+    return None
+
+
+def _relay_expected(profile: Profile, rcpt: str) -> str:
+    auth = ", authenticated" if profile.auth == "required" else ""
+    return f"arrives at {profile.host}:{profile.port} for {rcpt} over TLS={_tls_word(profile.tls)}{auth}"
 
 
 def _route_disabled(lines: list[str]) -> _Seen | None:

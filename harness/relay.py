@@ -7,11 +7,13 @@ at the upstream, trust the test CA, let smtpd judge the config, then start a fre
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.pki import TestPki
+from harness.smtpdconf import ConfigSyntaxError, parse_config, smarthosts
 from harness.targets.base import Bundle, ConfigCheck, LogFollower, OutgoingMail, Target, TargetError
 from harness.upstream import MessageRecord, Profile, SessionRecord, UpstreamServer
 
@@ -59,6 +61,27 @@ class RelayRun:
         return self.log.wait_for(pattern, timeout, since).string
 
 
+def relay_names(bundle: Bundle) -> tuple[str, ...]:
+    """The host names the config relays to (not address literals: a target serves those itself,
+    see Target.attach_upstream): each resolves to the fake upstream, so the relay is tested as
+    written whatever name the URL gives (`mailhub`, or the provider's own)."""
+    if bundle.config is None:
+        return ()
+    try:
+        config = parse_config(bundle.config, bundle.config_path)
+    except ConfigSyntaxError:
+        return ()  # smtpd judges it
+    return tuple(h for h in smarthosts(config) if not _is_address(h))
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 @contextmanager
 def relay_run(
     target: Target, bundle: Bundle, profile: Profile, pki: TestPki, extra_names: tuple[str, ...] = ()
@@ -75,7 +98,7 @@ def relay_run(
     with UpstreamServer(profile, pki, host, port, allowed_peers=peers, listen=where is not None) as upstream:
         target.attach_upstream(upstream)
         target.install(bundle)
-        target.point((profile.host, *extra_names), target.upstream_address())
+        target.point((profile.host, *relay_names(bundle), *extra_names), target.upstream_address())
         target.trust(pki.ca_pem)
         check = target.check_config(bundle.config_path)
         if not check.ok:

@@ -41,6 +41,10 @@ class Row:
     def failed(self) -> bool:
         return self.status == "fail"
 
+    @property
+    def errored(self) -> bool:
+        return self.status == "error"
+
 
 @dataclass
 class Report:
@@ -73,20 +77,23 @@ def junit(report: Report, path: Path) -> None:
 def junit_xml(report: Report) -> bytes:
     """One testcase per row; failing rows carry their explanation, others it as system-out."""
     suite = ET.Element("testsuite", name=report.title)
-    failures = 0
+    failures = errors = 0
     for row in report.rows:
         attrs = {"classname": report.classname, "name": row.name}
         if row.seconds is not None:
             attrs["time"] = f"{row.seconds:.3f}"
         case = ET.SubElement(suite, "testcase", attrs)
-        if row.failed:
-            failures += 1
-            failure = ET.SubElement(case, "failure", message=row.failure or row.summary)
+        if row.failed or row.errored:
+            errors += row.errored
+            failures += row.failed
+            kind = "error" if row.errored else "failure"
+            failure = ET.SubElement(case, kind, message=row.failure or row.summary)
             failure.text = row.body
         elif row.body:
             ET.SubElement(case, "system-out").text = row.body
     suite.set("tests", str(len(report.rows)))
     suite.set("failures", str(failures))
+    suite.set("errors", str(errors))
     suite.set("time", f"{report.seconds:.3f}")
     return bytes(ET.tostring(suite, encoding="utf-8", xml_declaration=True))
 
@@ -134,6 +141,10 @@ def check_report(report: CheckReport) -> Report:
         f"relay-harness check {report.config}", f"relay-harness check {report.config} on {report.target}"
     )
     out.classname, out.seconds = "relay-harness.check", report.seconds
+    if report.verdict == "error":
+        out.before.append(f"  ERROR  {report.error}")
+        out.verdict = "ERROR: the check could not run (not a verdict on the config)"
+        return out
     if report.verdict == "refused":
         where = f"{report.config}:{report.refusal_line}: " if report.refusal_line else ""
         out.before.append(f"  REFUSED  smtpd -n: {where}{report.refusal}")
@@ -160,6 +171,7 @@ def json_report(report: CheckReport) -> dict[str, Any]:
         "verdict": report.verdict,
         "ok": report.ok,
         "seconds": round(report.seconds, 3),
+        "error": report.error,
         "refusal": report.refusal,
         "refusal_line": report.refusal_line,
         "probes": [
@@ -187,6 +199,10 @@ def write_junit(report: CheckReport, path: Path) -> None:
 def check_junit_xml(report: CheckReport) -> bytes:
     """One testcase per probe; a refused config is one failing testcase `smtpd-accepts-config`."""
     out = check_report(report)
+    if report.verdict == "error":
+        out.rows = [
+            Row("relay-harness-check", "error", "the check ran", failure=report.error or "", body=text(out))
+        ]
     if report.verdict == "refused":
         refused = Row(
             "smtpd-accepts-config",

@@ -601,6 +601,7 @@ def test_json_report_fields(checks: Checks) -> None:
         "verdict",
         "ok",
         "seconds",
+        "error",
         "refusal",
         "refusal_line",
         "probes",
@@ -609,9 +610,10 @@ def test_json_report_fields(checks: Checks) -> None:
     }
     assert report["config"] == out.argv[0]
     assert re.fullmatch(rf"lab:{HOST}", report["target"])
-    assert (report["verdict"], report["ok"], report["refusal"], report["refusal_line"]) == (
+    assert (report["verdict"], report["ok"], report["error"], report["refusal"], report["refusal_line"]) == (
         "fail",
         False,
+        None,
         None,
         None,
     )

@@ -3,7 +3,7 @@
 from harness.smtpdconf import parse_file, lint, expectations
 """
 
-from harness.smtpdconf.expect import RelayExpectation, expectations, relay_urls, rewrite_sender
+from harness.smtpdconf.expect import RelayExpectation, expectations, relay_urls, rewrite_sender, smarthosts
 from harness.smtpdconf.lint import Finding, covers, lint, lint_text
 from harness.smtpdconf.listens import ListenNeeds, listen_needs
 from harness.smtpdconf.parse import (
@@ -82,4 +82,5 @@ __all__ = [
     "parse_relay_url",
     "relay_urls",
     "rewrite_sender",
+    "smarthosts",
 ]

@@ -108,6 +108,12 @@ def expectations(config: Config) -> list[RelayExpectation]:
     return result
 
 
+def smarthosts(config: Config) -> tuple[str, ...]:
+    """Every host smtpd dials for a relay URL (a name, or an address literal without its
+    brackets), in file order: where a fake provider must answer for the config to run as written."""
+    return tuple(dict.fromkeys(e.connect_host for e in expectations(config) if e.connect_host))
+
+
 def _base(action: Action) -> RelayExpectation:
     auth = action.auth
     return RelayExpectation(

@@ -27,6 +27,16 @@ class TargetError(HarnessError):
     """The target cannot do what was asked; the message says which target and why."""
 
 
+class MailRefused(TargetError):
+    """smtpd refused a submitted message with an SMTP reply (`reply`: its code and text), by its
+    config's own rules (no `match` takes it, a `reject`, a filter): the config's doing, not the
+    target's."""
+
+    def __init__(self, target: str, via: str, reply: str) -> None:
+        self.reply = reply
+        super().__init__(f"{target}: {via} refused: {reply}")
+
+
 @dataclass(frozen=True)
 class BundleFile:
     """A file the config names (a table, a certificate), put where the config says it is."""

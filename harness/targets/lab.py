@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import fcntl
+import functools
 import ipaddress
 import itertools
 import json
@@ -29,6 +31,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +47,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness.smtpdconf import ConfigSyntaxError, ListenNeeds, listen_needs, parse_config
+from harness.smtpdconf import ConfigSyntaxError, ListenNeeds, listen_needs, parse_config, smarthosts
 from harness.targets.base import Bundle, TargetError
 from harness.targets.shell import Shell
 from harness.targets.smtpd import SmtpdTarget
@@ -57,6 +60,7 @@ from harness.targets.testnet import (
     egress_note,
     interface_problem,
 )
+from harness.upstream import UpstreamError, UpstreamServer
 
 PREFIX = "rh"
 SLOTS = LAB_NETWORK.num_addresses // 4 - 1  # one /30 per host; slot 0 is left unused
@@ -64,6 +68,7 @@ LOCK_FILE = "/run/relay-harness.lock"
 TMP_PREFIX = "relay-harness-"
 INIT_MARK = "relay-harness-init"
 INIT = Path(__file__).with_name("lab_init.py")
+CLONE_NEWNET = 0x40000000
 READY_TIMEOUT = 15.0
 END_TIMEOUT = 10.0
 # Host numbers are per process, not per Lab: names (rh-PID-N, rhPIDhN) must not collide when one
@@ -243,6 +248,7 @@ class LabHost:
         self._ended = False
         self._reader: threading.Thread | None = None
         self._test_addresses = itertools.count(1)
+        self._serving: list[tuple[str, int, tuple[socket.socket, threading.Thread]]] = []
 
     @property
     def address(self) -> str:
@@ -481,6 +487,72 @@ class LabHost:
                 present[candidate] = ""
                 return candidate
 
+    # -- the fake upstream at a relay URL's address -------------------------------------------
+    def serve_upstream_at(self, address: str, upstream: UpstreamServer) -> None:
+        """The fake upstream answering at ADDRESS (a relay URL's literal) on its port, inside the
+        host: the address assigned there (on lo), the listening socket made in the host's network
+        namespace (so only the host can reach it), each connection handed to the upstream."""
+        assert self.pid is not None
+        ip = ipaddress.ip_address(address)
+        if (ip.version == 4 and ip in LAB_NETWORK) or ip.is_multicast or ip.is_unspecified:
+            raise LabError(
+                f"the test host cannot provide the smarthost address {ip}: it is the lab's own "
+                f"network ({LAB_NETWORK}) or no unicast address; give the relay URL a host name"
+            )
+        key = (str(ip), upstream.port)
+        if key in {(a, p) for a, p, _ in self._serving}:
+            return
+        if not ip.is_loopback and str(ip) not in self._addresses():
+            size = 32 if ip.version == 4 else 128
+            _ip(batch=f"addr add {ip}/{size} dev lo{' nodad' if size == 128 else ''}\n", pid=self.pid)
+            self.notes.append(
+                f"smarthost {ip}: assigned to the test host's lo, where the fake upstream answers"
+            )
+        sock = self._socket_inside(str(ip), upstream.port)
+        thread = threading.Thread(
+            target=_hand_over, args=(sock, upstream), daemon=True, name=f"upstream-at-{ip}"
+        )
+        thread.start()
+        self._serving.append((str(ip), upstream.port, (sock, thread)))
+
+    def stop_serving(self) -> None:
+        for _, _, (sock, thread) in self._serving:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the hand-over thread
+            sock.close()
+            thread.join(timeout=END_TIMEOUT)
+        self._serving.clear()
+
+    def _socket_inside(self, address: str, port: int) -> socket.socket:
+        """A listening TCP socket in the host's network namespace: one thread enters it (setns),
+        binds, and ends; the socket stays where it was made."""
+        made: list[socket.socket] = []
+        failed: list[OSError] = []
+
+        def make() -> None:
+            try:
+                _enter_netns(self.netns_path)
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((address, port))
+                    sock.listen(16)
+                except OSError:
+                    sock.close()
+                    raise
+                made.append(sock)
+            except OSError as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=make, name=f"netns-{self.name}")
+        thread.start()
+        thread.join()
+        if failed:
+            why = failed[0].strerror or str(failed[0])
+            raise LabError(f"the test host cannot serve the fake upstream at {address}:{port}: {why}")
+        return made[0]
+
     # -- the host from outside ----------------------------------------------------------------
     def _connect(self) -> LabTarget:
         return LabTarget(self, self._client())
@@ -559,7 +631,8 @@ class LabHost:
 
 
 class LabTarget(SmtpdTarget):
-    """The target of a test host: installing a bundle first makes what its listeners name."""
+    """The target of a test host: installing a bundle first makes what its listeners name, and
+    the fake upstream answers at every address literal its relay URLs dial."""
 
     def __init__(self, host: LabHost, client: paramiko.SSHClient) -> None:
         name = f"lab:{host.hostname}"
@@ -571,16 +644,37 @@ class LabTarget(SmtpdTarget):
             upstream_peers=(host.address,),  # smtpd's connections come from here, and nobody else's
         )
         self.host = host
+        self._upstream: UpstreamServer | None = None
+
+    def attach_upstream(self, upstream: UpstreamServer) -> None:
+        super().attach_upstream(upstream)
+        self.host.stop_serving()  # an earlier run's upstream is gone
+        self._upstream = upstream
 
     def install(self, bundle: Bundle) -> None:
+        config = None
         if bundle.config is not None:
-            try:
+            with contextlib.suppress(ConfigSyntaxError):  # smtpd judges it; nothing to make for it
                 config = parse_config(bundle.config, bundle.config_path)
-            except ConfigSyntaxError:
-                config = None  # smtpd judges it; there is nothing the host could make for it
-            if config is not None:
-                self.host.provide(listen_needs(config))
+        if config is not None:
+            self.host.provide(listen_needs(config))
         super().install(bundle)
+        if config is not None and self._upstream is not None:
+            for address in smarthosts(config):
+                if _is_address(address):
+                    self.host.serve_upstream_at(address, self._upstream)
+
+    def close(self) -> None:
+        self.host.stop_serving()
+        super().close()
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_interface_name(base: str, name: str) -> None:
@@ -588,6 +682,39 @@ def _check_interface_name(base: str, name: str) -> None:
     problem = interface_problem(base, name)
     if problem is not None:
         raise LabError(problem)
+
+
+def _enter_netns(path: str) -> None:
+    """This thread (only) into the network namespace at `path`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        setns = getattr(os, "setns", None)  # Python 3.12+
+        if setns is not None:
+            setns(fd, CLONE_NEWNET)
+        elif _libc().setns(fd, CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns {path}: {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _hand_over(sock: socket.socket, upstream: UpstreamServer) -> None:
+    """Each connection to `sock` becomes one session of the upstream, until either is closed."""
+    while True:
+        try:
+            conn, peer = sock.accept()
+        except OSError:
+            return
+        try:
+            upstream.serve_socket(conn, peer=f"{peer[0]}:{peer[1]}")
+        except UpstreamError:
+            conn.close()
+            return
 
 
 class Lab:

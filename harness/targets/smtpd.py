@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +24,7 @@ from harness.targets.base import (
     BundleFile,
     ConfigCheck,
     LogFollower,
+    MailRefused,
     OutgoingMail,
     Submission,
     Target,
@@ -74,6 +76,31 @@ $0 != "" && !($0 in have) {
 
 class EnclosureLimit(TargetError):
     """The enclosure cannot run this (a path it may not write, an interface it lacks): use the lab."""
+
+
+# What smtpd says when it gives up at start-up, best first: fatal() in one of its processes
+# ("pony express: smtpd: bind: Address already in use"), in the parent ("smtpd: cannot ..."), any
+# line saying fatal, then any error-looking line; warnings ("warn: purge_task: ...") come last:
+# smtpd logs some on every start.
+_FATAL = (
+    re.compile(r"^[a-z][a-z ]*: smtpd: .+"),
+    re.compile(r"^smtpd: (?!setup done|process \w+ socket closed).+"),
+    re.compile(r"\bfatal\b", re.IGNORECASE),
+    re.compile(
+        r"^(?!warn:).*\b(bind|cannot|could not|failed|No such file|Permission denied|invalid|not found)\b",
+        re.IGNORECASE,
+    ),
+)
+
+
+def startup_failure(lines: Iterable[str]) -> str | None:
+    """The line that says why smtpd exited before it was ready, in its own words."""
+    candidates = [line.strip() for line in lines if not line.startswith(("debug:", "relay-harness-pid"))]
+    for pattern in _FATAL:
+        found = next((line for line in candidates if pattern.search(line)), None)
+        if found is not None:
+            return found
+    return None
 
 
 def submission_command(mail: OutgoingMail, sendmail: str = "/usr/sbin/sendmail") -> str:
@@ -340,12 +367,18 @@ class SmtpdTarget(Target):
                 why = self.enclosure.limit(line) if self.enclosure is not None else None
                 if why is not None:
                     raise EnclosureLimit(f"{self.name}: {why}") from None
-            raise TargetError(f"{self.name}: smtpd did not start:\n{self.redact(str(exc))}") from None
+            cause = startup_failure(self.log.lines)
+            head = f"smtpd did not start: {cause}" if cause else "smtpd did not start"
+            raise TargetError(f"{self.name}: {self.redact(head)}\n{self.redact(str(exc))}") from None
         return self.log
 
     def submit(self, mail: OutgoingMail) -> str:
         result = self.run(submission_command(mail, self.sendmail), stdin=mail.as_bytes())
         if result.returncode != 0:
+            # sendmail (smtpctl enqueue) says `sendmail: command failed: 550 Invalid recipient: <x>`
+            reply = re.search(r"command failed: ([245]\d\d\b.*)", result.output)
+            if reply is not None:
+                raise MailRefused(self.name, mail.via, reply.group(1).strip())
             raise TargetError(f"{self.name}: {mail.via} exited {result.returncode}: {result.output}")
         return result.output
 
