@@ -24,6 +24,7 @@ trap cleanup EXIT
 # Installed with --no-install-recommends, so everything the tests and the README use is named here,
 # Recommends included (CI runs in a freshly bootstrapped minbase root: .ci/run, ci/fresh-root.sh):
 #   opensmtpd           the real smtpd, smtpctl, makemap, newaliases, sendmail
+#   opensmtpd-extras    the table backends Debian ships apart (sqlite:, postgres:, ...): check uses them
 #   openssh-server      sshd in every test host (its Depends bring openssh-sftp-server and procps)
 #   iproute2 util-linux ip netns/veths; unshare, nsenter, mount, su (test hosts, accept's sandbox)
 #   swaks               the README's client and tests/test_upstream_cli.py; swaks --tls needs
@@ -31,7 +32,7 @@ trap cleanup EXIT
 #   ca-certificates     the registries' CAs for pip (and the machine's local ones, rebuilt in)
 #   python3-venv        the .venv below (Debian's python3)
 #   debootstrap         Debian roots of other releases (e.g. trixie's OpenSMTPD 7.6), built in the lab
-packages=(opensmtpd openssh-server iproute2 util-linux swaks libnet-ssleay-perl ca-certificates
+packages=(opensmtpd opensmtpd-extras openssh-server iproute2 util-linux swaks libnet-ssleay-perl ca-certificates
     python3-venv debootstrap)
 need=()
 for pkg in "${packages[@]}"; do

@@ -15,7 +15,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
-from harness.smtpdconf import Config, alias_tables, auth_tables, db_source, local_users, parse_aliases
+from harness.pki import TestPki
+from harness.smtpdconf import (
+    EXTRAS_BACKENDS,
+    Config,
+    alias_tables,
+    auth_tables,
+    db_source,
+    local_users,
+    parse_aliases,
+)
 from harness.targets.base import SMTPD_CONF, Bundle, BundleFile
 from harness.upstream import Credential, Profile
 
@@ -53,11 +62,12 @@ class TableInput:
 
 
 def declared_tables(config: Config) -> dict[str, str]:
-    """Tables the harness can install (file: and db:), name → the path smtpd opens."""
+    """Tables the harness can install, name → the path smtpd opens: file: and db: tables, and
+    the config file of a backend that runs as a program (sqlite:/etc/mail/sqlite.conf)."""
     return {
         t.name: t.config
         for t in config.tables.values()
-        if t.backend in ("file", "db") and t.config is not None
+        if (t.backend in ("file", "db") or t.backend in EXTRAS_BACKENDS) and t.config is not None
     }
 
 
@@ -74,6 +84,8 @@ def build_bundle(
     """The bundle for `config` (parsed from `config_text`; None: installed as it is on the host)."""
     declared = declared_tables(config) if config is not None else {}
     secret_names = set(secret_tables) | (set(auth_tables(config)) if config is not None else set())
+    if config is not None:  # a backend's config file holds its database's credentials
+        secret_names |= {t.name for t in config.tables.values() if t.backend in EXTRAS_BACKENDS}
     alias_names = alias_tables(config) if config is not None else set()
     files: list[BundleFile] = []
     users = {u for u in extra_users if u != "root"}
@@ -105,6 +117,45 @@ def build_bundle(
                 users.update(local_users(parse_aliases(text)))
     files.extend(extra_files)
     return Bundle(config_text, tuple(files), tuple(sorted(users)), config_path)
+
+
+def host_file_mode(path: str) -> tuple[int, str, str]:
+    """Mode and owner a real host gives a file it is handed: private keys only for root
+    (smtpd refuses a group- or world-readable key), everything else readable by all."""
+    name = path.rsplit("/", 1)[-1]
+    if name.endswith((".key", ".pem.key")) or "/private/" in path or name.startswith("key"):
+        return 0o600, "root", "root"
+    return 0o644, "root", "root"
+
+
+def tls_files(config: Config, pki: TestPki, given: Iterable[str]) -> tuple[list[BundleFile], list[str]]:
+    """The certificates and keys `pki` and `ca` lines name and the user did not give (--file):
+    a certificate for the pki's name from the harness's test CA, and that CA for a `ca` line, so
+    smtpd loads them as it would on the real host (and a relay `ca NAME` trusts the fake provider)."""
+    have = set(given)
+    files: list[BundleFile] = []
+    notes: list[str] = []
+    for entry in config.pkis.values():
+        wanted = [p for p in (entry.cert, entry.key) if p is not None and p not in have]
+        if not wanted:
+            continue
+        name = entry.name if entry.name != "*" else "localhost"
+        leaf = pki.server_cert(name)
+        if entry.cert is not None and entry.cert in wanted:
+            files.append(BundleFile(entry.cert, leaf.chain_pem, *host_file_mode(entry.cert)))
+        if entry.key is not None and entry.key in wanted:
+            files.append(BundleFile(entry.key, leaf.key_pem, 0o600, "root", "root"))
+        notes.append(
+            f"pki {entry.name}: {' and '.join(wanted)} not given (--file PATH=LOCAL), "
+            f"issued for {name} by the harness's test CA"
+        )
+    for ca in config.cas.values():
+        if ca.cert is not None and ca.cert not in have:
+            files.append(BundleFile(ca.cert, pki.ca_pem, 0o644, "root", "root"))
+            notes.append(
+                f"ca {ca.name}: {ca.cert} not given (--file PATH=LOCAL), installed the harness's test CA"
+            )
+    return files, notes
 
 
 def synthesize_secrets(labels: Iterable[str], profile: Profile) -> tuple[bytes, Profile, list[Credential]]:

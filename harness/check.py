@@ -7,18 +7,27 @@ from what the fake upstream received and what smtpd logged, on a real target.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.bundle import TableInput, build_bundle, declared_tables, synthesize_secrets
+from harness.bundle import (
+    TableInput,
+    build_bundle,
+    declared_tables,
+    host_file_mode,
+    synthesize_secrets,
+    tls_files,
+)
 from harness.errors import HarnessError
 from harness.pki import TestPki
 from harness.probes import ProbeResult, plan_probes, run_probes
 from harness.redact import Redactor
 from harness.relay import ConfigRejected, relay_run
 from harness.smtpdconf import (
+    EXTRAS_BACKENDS,
     Config,
     ConfigSyntaxError,
     Finding,
@@ -26,9 +35,10 @@ from harness.smtpdconf import (
     alias_tables,
     auth_tables,
     lint,
+    parse_aliases,
     parse_config,
 )
-from harness.targets.base import Bundle, Target
+from harness.targets.base import Bundle, BundleFile, Target
 from harness.upstream import Profile
 from harness.userfiles import read_bytes, read_text
 
@@ -64,6 +74,7 @@ class CheckInput:
     # The tables' content, read before any work (read_tables); one missing here is read from its
     # path when the bundle is built.
     table_content: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # --file PATH=LOCAL: host path → local file
 
 
 def parse_table_flags(values: list[str]) -> dict[str, Path]:
@@ -78,6 +89,17 @@ def parse_table_flags(values: list[str]) -> dict[str, Path]:
             raise CheckUsageError(f"--table {name}: given twice ({tables[name]} and {path})")
         tables[name] = Path(path)
     return tables
+
+
+def parse_file_flags(values: list[str]) -> dict[str, Path]:
+    """--file PATH=LOCAL: any file of the host (a certificate, a key, a database, an mda's program)."""
+    files: dict[str, Path] = {}
+    for value in values:
+        path, sep, local = value.partition("=")
+        if not sep or not path.startswith("/") or not local:
+            raise CheckUsageError(f"--file {value!r}: expected PATH=LOCAL with an absolute PATH on the host")
+        files[path] = Path(local)
+    return files
 
 
 def read_tables(tables: dict[str, Path]) -> dict[str, bytes]:
@@ -110,7 +132,7 @@ def check_input(inp: CheckInput) -> None:
         if name not in usable:
             raise CheckUsageError(
                 f"--table {name}: table {name} ({inp.config_path}:{table.line}) is {table.backend}, "
-                "not a file: or db: table: its content is in the config, not in a file"
+                "not a file:, db: or opensmtpd-extras table: its content is in the config, not in a file"
             )
     for name in sorted(alias_tables(config) & set(inp.table_content)):
         problem = alias_problem(inp.table_content[name])
@@ -119,8 +141,11 @@ def check_input(inp: CheckInput) -> None:
             raise CheckUsageError(f"--table {name}={inp.tables[name]}:{line}: {why}")
 
 
-def check_bundle(config: Config | None, inp: CheckInput) -> tuple[Bundle, Profile, list[str], Redactor]:
-    """The files the config names, from --table or synthesized (secrets only), and the users."""
+def check_bundle(
+    config: Config | None, inp: CheckInput, pki: TestPki | None = None
+) -> tuple[Bundle, Profile, list[str], Redactor]:
+    """The files the config names (from --table, --file, synthesized secrets, certificates issued
+    from the test CA for its `pki` and `ca` lines) and the users."""
     profile = inp.profile
     notes: list[str] = []
     redactor = Redactor((c.user, c.password) for c in profile.credentials)
@@ -138,7 +163,8 @@ def check_bundle(config: Config | None, inp: CheckInput) -> tuple[Bundle, Profil
         content = inp.table_content.get(name)
         tables[name] = TableInput(content if content is not None else read_bytes(path, f"--table {name}="))
     for table in config.tables.values():
-        if table.config is None or table.backend not in ("file", "db") or table.name in tables:
+        installable = table.backend in ("file", "db") or table.backend in EXTRAS_BACKENDS
+        if table.config is None or not installable or table.name in tables:
             continue
         if table.name in secret_labels:
             content, profile, creds = synthesize_secrets(secret_labels[table.name], profile)
@@ -160,8 +186,42 @@ def check_bundle(config: Config | None, inp: CheckInput) -> tuple[Bundle, Profil
                 f"the config's table {table.name!r} (line {table.line}, {table.backend}:{table.config}) "
                 f"needs content: pass --table {table.name}=FILE"
             )
-    bundle = build_bundle(inp.config_text, config, tables)
+    extra = [
+        BundleFile(path, read_bytes(local, f"--file {path}="), *given_mode(path, local))
+        for path, local in inp.files.items()
+    ]
+    if pki is not None:
+        issued, issued_notes = tls_files(config, pki, inp.files)
+        extra += issued
+        notes += issued_notes
+    bundle = build_bundle(inp.config_text, config, tables, extra_files=extra)
     return bundle, profile, notes, redactor
+
+
+def given_mode(path: str, local: Path) -> tuple[int, str, str]:
+    """As a real host would have it (host_file_mode); a program stays executable."""
+    mode, owner, group = host_file_mode(path)
+    with contextlib.suppress(OSError):
+        if local.stat().st_mode & 0o111:
+            mode |= 0o111 if mode & 0o044 else 0o100
+    return mode, owner, group
+
+
+def given_aliases(config: Config | None, inp: CheckInput) -> list[str]:
+    """Tables given with --table that read as an aliases file (named so, or at an aliases path,
+    with `key: value` lines) but that no action applies: the user's intent, probed as such."""
+    if config is None:
+        return []
+    out = []
+    for name in inp.tables:
+        table = config.tables.get(name)
+        if table is None or name in alias_tables(config) or table.backend not in ("file", "db"):
+            continue
+        if "alias" not in f"{name} {table.config}".lower():
+            continue
+        if parse_aliases(inp.table_content.get(name, b"")):
+            out.append(name)
+    return out
 
 
 def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
@@ -174,9 +234,9 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
     except ConfigSyntaxError as exc:
         config = None
         report.notes.append(f"relay-harness could not parse the config ({exc}); smtpd decides")
-    bundle, profile, notes, redactor = check_bundle(config, inp)
+    bundle, profile, notes, redactor = check_bundle(config, inp, pki)
     report.notes.extend(notes)
-    probes, probe_notes = plan_probes(bundle, config)
+    probes, probe_notes = plan_probes(bundle, config, given_aliases(config, inp))
     report.notes.extend(probe_notes)
     add = getattr(target, "redactor", None)
     if isinstance(add, Redactor):

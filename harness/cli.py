@@ -155,6 +155,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         CheckInput,
         CheckReport,
         check_input,
+        parse_file_flags,
         parse_table_flags,
         read_tables,
         run_check,
@@ -162,7 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from harness.report import text_report
     from harness.targets.select import parse_target, run_on
 
-    given = [Path(v.partition("=")[2]) for v in args.table or [] if "=" in v]
+    given = [Path(v.partition("=")[2]) for v in (args.table or []) + (args.file or []) if "=" in v]
     reports = outputs(
         {"--report-json": args.report_json, "--junit": args.junit}, [args.config, args.upstream, *given]
     )
@@ -170,8 +171,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         config_text = read_text(args.config, limit=MAX_CONFIG_BYTES)
         profile = load_profile(args.upstream)
         tables = parse_table_flags(args.table or [])
+        files = parse_file_flags(args.file or [])
         spec = parse_target(args.target, args.identity, args.known_hosts)
-        inp = CheckInput(args.config, config_text, profile, tables, read_tables(tables))
+        inp = CheckInput(args.config, config_text, profile, tables, read_tables(tables), files)
         check_input(inp)
         pki = TestPki()
         report, notes = run_on(spec, pki, profile.port, lambda target: run_check(target, inp, pki))
@@ -302,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", type=Path, help="the smtpd.conf as it will ship")
     check.add_argument("--upstream", type=Path, required=True, help="provider profile (TOML)")
     check.add_argument("--table", action="append", metavar="NAME=FILE", help="content of `table NAME`")
+    check.add_argument(
+        "--file",
+        action="append",
+        metavar="PATH=LOCAL",
+        help="any file of the host (a pki certificate or key, a script): LOCAL installed at PATH",
+    )
     check.add_argument(
         "--target",
         default="lab",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from harness.redact import Redactor
@@ -128,6 +129,7 @@ class Probe:
     recipient: str
     expect: str  # "relay" or "local:USER"
     description: str
+    unused_table: str | None = None  # an aliases table given but applied by no action
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,15 @@ class ProbeResult:
     seconds: float = 0.0
 
 
-def plan_probes(bundle: Bundle, config: Config | None) -> tuple[list[Probe], list[str]]:
+def plan_probes(
+    bundle: Bundle, config: Config | None, unused_aliases: Iterable[str] = ()
+) -> tuple[list[Probe], list[str]]:
+    """The external probe, and one per alias key (at most MAX_ALIAS_PROBES per table).
+
+    `unused_aliases`: aliases tables the user gave that no action applies. The file is a
+    statement of intent (mail to each key must end where it says), so its keys are probed too,
+    and a failure says to apply the table.
+    """
     probes = [
         Probe(
             "relay-external",
@@ -165,13 +175,15 @@ def plan_probes(bundle: Bundle, config: Config | None) -> tuple[list[Probe], lis
     if config is None:
         return probes, notes
     # The text of each alias table, as installed: a db: table's source, never its binary db.
+    unused = set(unused_aliases) - alias_tables(config)
     text_paths = {
-        db_source(table.config) if table.backend == "db" else table.config
-        for name in alias_tables(config)
+        db_source(table.config) if table.backend == "db" else table.config: name
+        for name in (*sorted(alias_tables(config)), *sorted(unused))
         if (table := config.tables.get(name)) is not None and table.config is not None
     }
     texts = {f.path: f.content for f in bundle.files if f.path in text_paths}  # the last text wins
     for path, content in texts.items():
+        table_name = text_paths[path] if text_paths[path] in unused else None
         aliases = parse_aliases(content)
         keys = sorted(aliases)
         if len(keys) > MAX_ALIAS_PROBES:
@@ -198,6 +210,7 @@ def plan_probes(bundle: Bundle, config: Config | None) -> tuple[list[Probe], lis
                             key,
                             f"relay:{value}",
                             f"mail to {key} is relayed to {value}",
+                            table_name,
                         )
                     )
                 else:
@@ -207,6 +220,7 @@ def plan_probes(bundle: Bundle, config: Config | None) -> tuple[list[Probe], lis
                             key,
                             f"local:{value}",
                             f"mail to {key} lands in {value}'s mailbox",
+                            table_name,
                         )
                     )
     return probes, notes
@@ -260,6 +274,11 @@ def await_probe(run: RelayRun, sent: SentProbe, profile: Profile, redactor: Reda
     else:
         wanted = probe.expect[6:] if probe.expect.startswith("relay:") else probe.recipient
         result = _wait_relay(run, probe, wanted, sent.token, sent.mark, profile)
+    if not result.ok and probe.unused_table is not None:
+        result.hint = (
+            f"the config declares table {probe.unused_table} and its aliases say where this mail goes, "
+            f"but no action applies it: add `alias <{probe.unused_table}>` to the local action"
+        )
     result.evidence = [redactor(e) for e in result.evidence]
     result.observed = redactor(result.observed)
     result.seconds = time.monotonic() - sent.started
@@ -440,8 +459,14 @@ def _wait_local(run: RelayRun, probe: Probe, user: str, token: str, mark: int) -
     kind, line = decided
     m = re.search(DELIVERY, line)
     delivered_to = m.group("user") if m else None
-    if kind == "ok" and delivered_to == user and token.encode() in run.target.mailbox(user):
-        return ProbeResult(probe, True, expected, f"in {user}'s mailbox", [line])
+    if kind == "ok" and delivered_to == user:
+        if token.encode() in run.target.mailbox(user):
+            return ProbeResult(probe, True, expected, f"in {user}'s mailbox", [line])
+        # Delivered to the user by the config's local action, which is not mbox (an mda, maildir,
+        # lmtp): where the aliases file sends it; its own storage is the action's business.
+        return ProbeResult(
+            probe, True, expected, f"delivered to {user} by the local action (not an mbox)", [line]
+        )
     observed = f"delivered as {delivered_to}" if kind == "ok" else f"{kind}"
     hint = f"check the aliases entry for {probe.recipient}; a db: table needs newaliases/makemap after edits"
     if kind == "relayed":

@@ -5,7 +5,15 @@ from harness.smtpdconf import parse_file, lint, expectations
 
 from harness.smtpdconf.expect import RelayExpectation, expectations, relay_urls, rewrite_sender, smarthosts
 from harness.smtpdconf.lint import Finding, covers, lint, lint_text
-from harness.smtpdconf.listens import ListenNeeds, listen_needs
+from harness.smtpdconf.needs import (
+    EXTRAS_BACKENDS,
+    Backend,
+    ListenNeeds,
+    Program,
+    backends,
+    listen_needs,
+    programs,
+)
 from harness.smtpdconf.parse import (
     KEYWORDS,
     Action,
@@ -40,9 +48,11 @@ from harness.smtpdconf.tables import (
 )
 
 __all__ = [
+    "EXTRAS_BACKENDS",
     "KEYWORDS",
     "SCHEMES",
     "Action",
+    "Backend",
     "Ca",
     "Condition",
     "Config",
@@ -56,6 +66,7 @@ __all__ = [
     "Operand",
     "Option",
     "Pki",
+    "Program",
     "RawStatement",
     "RelayExpectation",
     "RelayUrl",
@@ -67,6 +78,7 @@ __all__ = [
     "alias_problem",
     "alias_tables",
     "auth_tables",
+    "backends",
     "covers",
     "db_source",
     "expand",
@@ -80,6 +92,7 @@ __all__ = [
     "parse_config",
     "parse_file",
     "parse_relay_url",
+    "programs",
     "relay_urls",
     "rewrite_sender",
     "smarthosts",

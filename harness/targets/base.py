@@ -82,7 +82,9 @@ class ConfigCheck:
             return cls(True, text)
         if m:
             return cls(False, text, int(m.group(1)), m.group(2))
-        last = text.splitlines()[-1] if text else f"smtpd -n exited {returncode}"
+        # fatalx(NULL) ends with a line saying only "smtpd": the reason is the line before it
+        said = [line for line in text.splitlines() if line.strip() not in ("", "smtpd")]
+        last = said[-1] if said else f"smtpd -n exited {returncode}"
         return cls(False, text, None, last)
 
 

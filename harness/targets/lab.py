@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -47,7 +47,17 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness.smtpdconf import ConfigSyntaxError, ListenNeeds, listen_needs, parse_config, smarthosts
+from harness.smtpdconf import (
+    Backend,
+    ConfigSyntaxError,
+    ListenNeeds,
+    Program,
+    backends,
+    listen_needs,
+    parse_config,
+    programs,
+    smarthosts,
+)
 from harness.targets.base import Bundle, TargetError
 from harness.targets.shell import Shell
 from harness.targets.smtpd import SmtpdTarget
@@ -69,6 +79,8 @@ TMP_PREFIX = "relay-harness-"
 INIT_MARK = "relay-harness-init"
 INIT = Path(__file__).with_name("lab_init.py")
 CLONE_NEWNET = 0x40000000
+# The interface a relay URL's address literal is assigned to, inside the host (see serve_upstream_at).
+UPSTREAM_LINK = "rh-upstream"
 READY_TIMEOUT = 15.0
 END_TIMEOUT = 10.0
 # Host numbers are per process, not per Lab: names (rh-PID-N, rhPIDhN) must not collide when one
@@ -503,10 +515,16 @@ class LabHost:
         if key in {(a, p) for a, p, _ in self._serving}:
             return
         if not ip.is_loopback and str(ip) not in self._addresses():
+            # Not on lo: `listen on lo` would make smtpd listen there too (and relay to itself).
+            links = {link["ifname"] for link in json.loads(_ip("-j", "link", "show", pid=self.pid))}
+            if UPSTREAM_LINK not in links:
+                self._interface(UPSTREAM_LINK)
             size = 32 if ip.version == 4 else 128
-            _ip(batch=f"addr add {ip}/{size} dev lo{' nodad' if size == 128 else ''}\n", pid=self.pid)
+            nodad = " nodad" if size == 128 else ""
+            _ip(batch=f"addr add {ip}/{size} dev {UPSTREAM_LINK}{nodad}\n", pid=self.pid)
             self.notes.append(
-                f"smarthost {ip}: assigned to the test host's lo, where the fake upstream answers"
+                f"smarthost {ip}: assigned to the test host's {UPSTREAM_LINK}, where the fake upstream "
+                "answers"
             )
         sock = self._socket_inside(str(ip), upstream.port)
         thread = threading.Thread(
@@ -659,10 +677,51 @@ class LabTarget(SmtpdTarget):
         if config is not None:
             self.host.provide(listen_needs(config))
         super().install(bundle)
+        if config is not None:
+            self._check_backends(backends(config))
+            self._check_programs(programs(config))
         if config is not None and self._upstream is not None:
             for address in smarthosts(config):
                 if _is_address(address):
                     self.host.serve_upstream_at(address, self._upstream)
+        self.notes = tuple(self.host.notes)  # what the host made for it, for the report
+
+    def _check_backends(self, needed: Iterable[Backend]) -> None:
+        """Every table backend the config names that Debian packages is installed: else smtpd -n
+        says `backend "sqlite" does not exist` and the config would be blamed for it. A backend
+        Debian does not ship (a typo, or one built by hand) is left to smtpd's judgement."""
+        known = [b for b in needed if b.package is not None]
+        if not known:
+            return
+        script = "; ".join(f"test -x {shlex.quote(b.program)} || echo {i}" for i, b in enumerate(known))
+        missing = self.check(f"{script}; true").stdout.split()
+        if missing:
+            b = known[int(missing[0])]
+            raise LabError(
+                f"the test host cannot provide the table backend {b.backend} (table {b.table}, line "
+                f"{b.line}): {b.program} is not installed; Debian ships it in {b.package}: "
+                f"apt-get install {b.package} (on this machine, or in the image)"
+            )
+
+    def _check_programs(self, needed: Iterable[Program]) -> None:
+        """Every program the config runs is on the host: else smtpd would fail each delivery or
+        exit, and the config be blamed for what the test host lacks."""
+        wanted = [p for p in needed if p.executable is not None]
+        if not wanted:
+            return
+        # smtpd runs them through /bin/sh with its default PATH (_PATH_DEFPATH)
+        script = "; ".join(
+            f"command -v {shlex.quote(p.executable or '')} >/dev/null || echo {i}"
+            for i, p in enumerate(wanted)
+        )
+        missing = self.check(f"PATH=/usr/bin:/bin:/usr/sbin:/sbin; {script}; true").stdout.split()
+        if missing:
+            p = wanted[int(missing[0])]
+            raise LabError(
+                f"the test host cannot provide {p.executable}, the program of {p.what} (line {p.line}: "
+                f'"{p.command}"): it is not installed here; install it (apt-get install on this machine, '
+                f"or in the image), or give it with --file {p.executable}=LOCAL"
+            )
 
     def close(self) -> None:
         self.host.stop_serving()

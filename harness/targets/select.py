@@ -107,4 +107,5 @@ def run_on(
     else:
         notes = []
     with lab_target(pki) as target:
-        return work(target), notes
+        result = work(target)
+        return result, notes + list(target.notes)

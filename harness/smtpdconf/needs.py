@@ -1,0 +1,124 @@
+"""What a config needs from the host it runs on: what it listens on, the programs it runs.
+
+smtpd (parse.y, create_if_listener) takes the word after `listen on` as, in this order: an
+interface name (OpenBSD: also an interface group such as `all` or `egress`; Linux has no
+groups), an IPv4 or IPv6 literal, or a name it resolves (getaddrinfo: /etc/hosts first). A test
+host must have each of these for the config to run as written; what exists already (lo, lo0,
+eth0, 127.0.0.0/8, ::1, localhost) is the test host's business, not this module's. Likewise the
+programs an `mda` action or a `proc`/`proc-exec` filter runs must be on the host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from harness.smtpdconf.parse import KEYWORDS, Config
+
+# An interface name with a VLAN suffix (eth0.100) has a dot but is not a host name.
+_VLAN = re.compile(r"[A-Za-z][\w-]*\.\d+")
+
+
+@dataclass(frozen=True)
+class ListenNeeds:
+    interfaces: tuple[str, ...] = ()  # as written: eth0, wg0, lo0, docker0, eth0:1 (an address label)
+    addresses: tuple[str, ...] = ()  # IPv4/IPv6 literals, normalised (`[::1]` → `::1`)
+    hostnames: tuple[str, ...] = ()  # names smtpd resolves: localhost, mail.example.org
+
+
+def listen_needs(config: Config) -> ListenNeeds:
+    """Each `listen on` word, classified the way smtpd tries it; `socket` and keywords (a syntax
+    error for smtpd itself: the config's fault, nothing to provide) are left out."""
+    interfaces: list[str] = []
+    addresses: list[str] = []
+    hostnames: list[str] = []
+    for listen in config.listens:
+        word = listen.interface
+        if listen.is_socket or word in KEYWORDS or not word:
+            continue
+        try:
+            address = ipaddress.ip_address(word.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            addresses.append(str(address))
+            continue
+        if word == "localhost" or ("." in word and not _VLAN.fullmatch(word)):
+            hostnames.append(word)
+        else:
+            interfaces.append(word)
+    return ListenNeeds(_unique(interfaces), _unique(addresses), _unique(hostnames))
+
+
+def _unique(items: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class Program:
+    """A program the config makes smtpd run: `what` says which line (mda of an action, a filter)."""
+
+    what: str
+    line: int
+    command: str
+
+    @property
+    def executable(self) -> str | None:
+        """The program's name or path as the shell will look it up; None when smtpd fills it in
+        per message (`%{user.directory}/bin/x`) and it cannot be known beforehand."""
+        first = self.command.split()[0] if self.command.split() else ""
+        return None if not first or "%{" in first or first.startswith("~") else first
+
+
+def programs(config: Config) -> tuple[Program, ...]:
+    """`mda "COMMAND"` of every action, `proc NAME "COMMAND"` and `filter NAME proc-exec "COMMAND"`."""
+    found = [
+        Program(f'mda of action "{a.name}"', a.line, a.method_arg)
+        for a in config.actions.values()
+        if a.method == "mda" and a.method_arg
+    ]
+    for raw in config.raw:
+        words = raw.words
+        if raw.keyword == "proc" and len(words) >= 3:
+            found.append(Program(f"proc {words[1]}", raw.line, words[2]))
+        elif raw.keyword == "filter" and len(words) >= 4 and words[2] == "proc-exec":
+            found.append(Program(f"filter {words[1]}", raw.line, words[3]))
+    return tuple(sorted(found, key=lambda p: p.line))
+
+
+# Table backends smtpd 6.8 has built in; any other runs as a program, /usr/libexec/opensmtpd/table-NAME.
+BUILTIN_BACKENDS = frozenset({"static", "file", "db", "getpwnam", "proc"})
+# The ones Debian packages (opensmtpd-extras 6.7.1: table-ldap, -mysql, -passwd, -postgres,
+# -redis, -socketmap, -sqlite), with the package that installs them.
+EXTRAS_BACKENDS = {
+    name: "opensmtpd-extras"
+    for name in ("ldap", "mysql", "passwd", "postgres", "redis", "socketmap", "sqlite")
+}
+BACKEND_DIR = "/usr/libexec/opensmtpd"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A table whose backend smtpd runs as a program (sqlite:, postgres:, ...)."""
+
+    table: str
+    line: int
+    backend: str
+
+    @property
+    def program(self) -> str:
+        return f"{BACKEND_DIR}/table-{self.backend}"
+
+    @property
+    def package(self) -> str | None:
+        return EXTRAS_BACKENDS.get(self.backend)
+
+
+def backends(config: Config) -> tuple[Backend, ...]:
+    """The tables whose backend is a program of its own (Debian: opensmtpd-extras), file order."""
+    return tuple(
+        Backend(t.name, t.line, t.backend)
+        for t in sorted(config.tables.values(), key=lambda t: t.line)
+        if t.backend not in BUILTIN_BACKENDS
+    )

@@ -1,0 +1,134 @@
+"""The corpus: configs in the shapes people write, through the real `relay-harness check`.
+
+tests/data/corpus/cases.toml lists each config with the verdict a correct gate gives (exit 0, 1
+the config's fault, 2 what the test host lacks) and the words the report must hold, beside its
+twin one edit away with another verdict: a gate that passed everything, failed everything or
+blamed the config for the test host would fail here. One test per pair; the pair's two checks
+run side by side. Every run must also leave a JSON and a JUnit report, exit 2 included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tomllib
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+CORPUS = Path(__file__).parent / "data" / "corpus"
+RUN_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    about: str
+    config: str  # the text, after the twin's edit
+    profile: str
+    args: tuple[str, ...]
+    exit: int
+    says: tuple[str, ...]
+    sqlite: str | None = None
+    twin_of: str | None = None
+
+
+def _cases() -> dict[str, Case]:
+    raw: list[dict[str, Any]] = tomllib.loads((CORPUS / "cases.toml").read_text())["case"]
+    by_name = {c["name"]: c for c in raw}
+    cases: dict[str, Case] = {}
+    for c in raw:
+        base = by_name[c["twin_of"]] if "twin_of" in c else c
+        config = (CORPUS / base["config"]).read_text()
+        if "edit" in c:
+            old, new = c["edit"]
+            assert config.count(old) == 1, (
+                f"{c['name']}: the edit {old!r} must occur once in {base['config']}"
+            )
+            config = config.replace(old, new)
+        cases[c["name"]] = Case(
+            c["name"],
+            c["about"],
+            config,
+            c.get("profile", base["profile"]),
+            tuple(c.get("args", base.get("args", ()))),
+            c["exit"],
+            tuple(c["says"]),
+            c.get("sqlite", base.get("sqlite")),
+            c.get("twin_of"),
+        )
+    return cases
+
+
+CASES = _cases()
+PAIRS = [(c.twin_of, c.name) for c in CASES.values() if c.twin_of is not None]
+
+
+@dataclass(frozen=True)
+class Run:
+    case: Case
+    rc: int
+    output: str
+    report: dict[str, Any]
+    junit: ET.Element
+
+    def explain(self) -> str:
+        return f"{self.case.name} ({self.case.about}): exit {self.rc}\n{self.output}"
+
+
+def _run(case: Case, out: Path) -> Run:
+    out.mkdir(parents=True)
+    (out / "smtpd.conf").write_text(case.config)
+    db = out / "db.sqlite"
+    if case.sqlite:
+        with sqlite3.connect(db) as conn:
+            conn.executescript((CORPUS / case.sqlite).read_text())
+    args = [a.replace("{corpus}", str(CORPUS)).replace("{db}", str(db)) for a in case.args]
+    command = [str(Path(sys.executable).with_name("relay-harness")), "check", str(out / "smtpd.conf")]
+    command += ["--upstream", str(CORPUS / case.profile), *args]
+    command += ["--report-json", str(out / "report.json"), "--junit", str(out / "junit.xml")]
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert (out / "report.json").exists() and (out / "junit.xml").exists(), (
+        f"{case.name}: no report\n{output}"
+    )
+    report = json.loads((out / "report.json").read_text())
+    return Run(case, proc.returncode, output, report, ET.parse(out / "junit.xml").getroot())
+
+
+def test_every_twin_differs_from_its_positive_in_verdict() -> None:
+    assert len(PAIRS) >= 12
+    for positive, twin in PAIRS:
+        assert positive in CASES, twin
+        assert CASES[positive].exit != CASES[twin].exit, (positive, twin)
+
+
+@pytest.mark.parametrize(("positive", "twin"), PAIRS, ids=[t for _, t in PAIRS])
+def test_the_gate_gives_each_config_its_verdict(tmp_path: Path, positive: str, twin: str) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda name: _run(CASES[name], tmp_path / name), (positive, twin)))
+    for run in runs:
+        assert run.rc == run.case.exit, run.explain()
+        for words in run.case.says:
+            assert words in run.output, f"{words!r} not in the report\n{run.explain()}"
+        assert "Traceback" not in run.output, run.explain()
+        verdict = {0: "pass", 1: ("fail", "refused"), 2: "error"}[run.case.exit]
+        assert run.report["verdict"] in verdict, run.explain()
+        failing = run.junit.findall(".//failure") + run.junit.findall(".//error")
+        assert bool(failing) == (run.case.exit != 0), run.explain()

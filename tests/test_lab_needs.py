@@ -1,0 +1,90 @@
+"""What a config runs besides smtpd, and where its relay URL points, as the test host provides it.
+
+A table backend Debian ships apart (opensmtpd-extras), an mda's or a filter's program: when the
+test host lacks one, installing the bundle says so (exit 2 through the CLI) instead of letting
+smtpd fail and the config be blamed. A relay URL's address literal: the fake upstream answers
+there, inside the host only. The same shapes through the real command: test_check_corpus.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from harness.pki import TestPki
+from harness.smtpdconf import parse_config, programs
+from harness.targets.base import Bundle, BundleFile
+from harness.targets.lab import UPSTREAM_LINK, LabError, LabHost
+from harness.upstream import UpstreamServer, parse_profile
+
+pytestmark = pytest.mark.lab
+
+SQLITE = (
+    "table secrets sqlite:/etc/mail/sqlite.conf\nlisten on socket\n"
+    'action "relay" relay host smtp+tls://p@smtp.example.net:587 auth <secrets>\n'
+    'match from local for any action "relay"\n'
+)
+SQLITE_CONF = BundleFile("/etc/mail/sqlite.conf", b"dbpath /var/lib/smtpd/x.db\n", 0o640, "root", "_smtpd")
+FILTERS = (
+    'filter scan proc-exec "/usr/local/bin/scan-mail --strict"\n'
+    'proc rspamd "/usr/bin/filter-rspamd"\n'
+    "filter spam proc rspamd\n"
+    "listen on socket filter scan\n"
+    'action "local" mda "%{user.directory}/bin/deliver"\n'
+    'match from local for local action "local"\n'
+)
+
+
+def test_programs_names_every_mda_and_filter_command() -> None:
+    found = [(p.what, p.line, p.executable) for p in programs(parse_config(FILTERS))]
+    assert found == [
+        ("filter scan", 1, "/usr/local/bin/scan-mail"),
+        ("proc rspamd", 2, "/usr/bin/filter-rspamd"),
+        ('mda of action "local"', 5, None),  # filled in per user by smtpd: cannot be checked
+    ]
+
+
+def test_a_missing_extras_backend_is_the_test_hosts_lack_naming_the_package(lab_host: LabHost) -> None:
+    target = lab_host.target
+    assert target is not None
+    target.install(Bundle(SQLITE, (SQLITE_CONF,)))  # installed here (ci/setup.sh): accepted
+    target.check("rm /usr/libexec/opensmtpd/table-sqlite")  # inside the host only (its own /usr)
+    with pytest.raises(LabError, match=r"table backend sqlite \(table secrets, line 1\).*opensmtpd-extras"):
+        target.install(Bundle(SQLITE, (SQLITE_CONF,)))
+    assert subprocess.run(["test", "-x", "/usr/libexec/opensmtpd/table-sqlite"], check=False).returncode == 0
+
+
+def test_a_missing_filter_program_is_named_with_its_line(lab_host: LabHost) -> None:
+    target = lab_host.target
+    assert target is not None
+    with pytest.raises(
+        LabError, match=r"cannot provide /usr/local/bin/scan-mail, the program of filter scan"
+    ):
+        target.install(Bundle(FILTERS))
+    script = BundleFile("/usr/local/bin/scan-mail", b"#!/bin/sh\ncat\n", 0o755)
+    with pytest.raises(LabError, match=r"cannot provide /usr/bin/filter-rspamd, the program of proc rspamd"):
+        target.install(Bundle(FILTERS, (script,)))
+
+
+def test_a_relay_urls_address_is_served_inside_the_host_only(lab_host: LabHost, relay_pki: TestPki) -> None:
+    target = lab_host.target
+    assert target is not None
+    profile = parse_profile(
+        'host = "hub.example.net"\nport = 2525\ntls = "none"\nauth = "none"\n', "hub.toml"
+    )
+    config = (
+        'listen on lo\naction "r" relay host smtp+notls://192.0.2.25:2525\n'
+        'match from local for any action "r"\n'
+    )
+    with UpstreamServer(profile, relay_pki, lab_host.upstream_address, 2525, listen=False) as upstream:
+        target.attach_upstream(upstream)
+        target.install(Bundle(config))
+        connect = 'import socket; print(socket.create_connection(("192.0.2.25", 2525), 5).recv(100).decode())'
+        banner = target.check(f"python3 -c '{connect}'").stdout
+        assert banner.startswith("220 hub.example.net"), banner
+        inside = target.check(f"ip -o addr show dev {UPSTREAM_LINK}").stdout
+        assert "192.0.2.25/32" in inside and "192.0.2.25" not in target.check("ip -o addr show dev lo").stdout
+        machine = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+        assert "192.0.2.25:2525" not in machine  # the socket lives in the host's namespace
+        assert [s.peer.startswith("192.0.2.25:") for s in upstream.recorder.sessions] == [True]
