@@ -402,3 +402,41 @@ def test_two_hosts_at_once_do_not_see_each_others_config_or_spool(relay_lab: Lab
         assert b.mailbox("root") == b""
     finally:
         relay_lab.destroy_host(other)
+
+
+# --- cleaners that cannot see the owner ---------------------------------------------------------
+
+# `clean_stale` as a run in a PID namespace of its own sees it (a CI job in a namespace, sharing
+# /tmp): no pid of this process exists there, so a pid check alone calls every lab here dead. Its
+# /tmp is a private one holding only this test's lab dir and a dead run's, and it sees no named
+# network namespace: whatever it does, it cannot touch another run's files on this machine.
+CLEAN_ELSEWHERE = """
+set -e
+mount -t tmpfs rh-test-netns /run/netns
+mkdir /run/netns/keep
+mount --bind "$2" /run/netns/keep
+mount -t tmpfs rh-test-tmp /tmp
+mkdir "/tmp/$1" /tmp/relay-harness-999999999-deadrun
+touch /tmp/relay-harness-999999999-deadrun/.owner.lock
+mount --move /run/netns/keep "/tmp/$1"
+"$3" -c 'from harness.targets.lab import clean_stale; print(clean_stale())'
+test ! -e /tmp/relay-harness-999999999-deadrun && echo dead-run-removed
+test -e "/tmp/$1/.owner.lock" && echo live-lab-kept
+"""
+
+
+def test_a_cleaner_in_another_pid_namespace_leaves_a_live_lab_alone(relay_pki: TestPki) -> None:
+    """Its twin in the same run: a dir whose owner is gone (its lock free) is removed by it."""
+    with Lab(relay_pki.ca_pem) as lab:
+        host = lab.create_host()
+        assert host.target is not None
+        unshare = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private"]
+        done = subprocess.run(
+            [*unshare, "sh", "-c", CLEAN_ELSEWHERE, "sh", lab.dir.name, str(lab.dir), sys.executable],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-2:] == ["dead-run-removed", "live-lab-kept"], done.stdout
+        assert lab.dir.exists() and host.target.check("hostname").stdout.strip() == host.hostname

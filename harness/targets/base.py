@@ -32,9 +32,9 @@ class MailRefused(TargetError):
     config's own rules (no `match` takes it, a `reject`, a filter): the config's doing, not the
     target's."""
 
-    def __init__(self, target: str, via: str, reply: str) -> None:
+    def __init__(self, message: str, reply: str) -> None:
         self.reply = reply
-        super().__init__(f"{target}: {via} refused: {reply}")
+        super().__init__(message)
 
 
 @dataclass(frozen=True)

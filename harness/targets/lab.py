@@ -791,8 +791,7 @@ class Lab:
         with contextlib.suppress(OSError, LabError):
             clean_stale()  # what killed runs left, before adding to it
         with _signals_deferred():
-            self.dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
-            self._owner = _hold_owner_lock(self.dir)
+            self.dir, self._owner_lock = _owned_dir()
         try:
             host_private, host_public = _key_pair()
             self.host_key_pem = host_private
@@ -805,6 +804,7 @@ class Lab:
             self._host_public = host_public
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self._owner_lock)
             raise
 
     @staticmethod
@@ -865,7 +865,7 @@ class Lab:
             self.hosts.clear()
             shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(OSError):
-                os.close(self._owner)
+                os.close(self._owner_lock)
 
     def __enter__(self) -> Lab:
         return self
@@ -875,6 +875,50 @@ class Lab:
 
 
 # -- what killed runs left ---------------------------------------------------------------------
+
+OWNER_LOCK = ".owner.lock"
+
+
+def _owned_dir() -> tuple[Path, int]:
+    """The lab's temp dir, and the descriptor of the lock its owner holds on it for life.
+
+    A pid says whether a run is alive only inside one PID namespace: a cleaner in another one (a
+    CI job run in a namespace of its own, sharing /tmp) sees no such pid. The lock is the
+    kernel's, the same everywhere, and goes with the last descriptor when the owner dies, however.
+    The dir gets its final name only once locked, so no cleaner ever sees it unlocked.
+    """
+    partial = Path(tempfile.mkdtemp(prefix=f".{TMP_PREFIX}partial-"))
+    fd = os.open(partial / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # shared: a forked child holding it too changes nothing
+    final = Path(tempfile.gettempdir()) / f"{TMP_PREFIX}{os.getpid()}-{partial.name.rpartition('-')[2]}"
+    os.rename(partial, final)
+    return final, fd
+
+
+def _nested_pid_namespace() -> bool:
+    """This process is not in the machine's first PID namespace: pids it cannot see may be alive
+    (PROC_PID_INIT_INO, the initial namespace's fixed inode number)."""
+    try:
+        return os.readlink("/proc/self/ns/pid") != "pid:[4026531836]"
+    except OSError:
+        return True
+
+
+def _owner_holds(lab_dir: Path) -> bool:
+    """Someone (in any PID namespace) holds the lab dir's owner lock: its run is alive."""
+    try:
+        fd = os.open(lab_dir / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # a dir of an older version, or half removed: its pid decides
+    except OSError:
+        return True  # cannot tell: keep it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @dataclass(frozen=True)
@@ -889,6 +933,8 @@ class StaleHost:
 
     @property
     def owner_alive(self) -> bool:
+        if (self.lab_dir / OWNER_LOCK).exists():
+            return _owner_holds(self.lab_dir)  # the kernel's word, in any PID namespace
         start = _start_time(self.owner)
         return start is not None and (self.owner_start is None or start == self.owner_start)
 
@@ -950,7 +996,8 @@ def clean_stale(kept: bool = False) -> list[str]:
         with contextlib.suppress(LabError):
             _ip("link", "del", host.veth_name)
         removed.append(f"test host {host.name}")
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    nested = _nested_pid_namespace()
+    listing = "" if nested else subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     for m in re.finditer(rf"^({PREFIX}-(\d+)-(\d+))\b", listing, re.MULTILINE):
         netns, pid = m.group(1), int(m.group(2))  # named namespaces: test hosts of older versions
         if _start_time(pid) is not None:
@@ -963,40 +1010,22 @@ def clean_stale(kept: bool = False) -> list[str]:
         removed.append(f"namespace {netns}")
     for path in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
         owner_m = re.match(rf"{TMP_PREFIX}(\d+)-", path.name)
-        dead = owner_m is not None and _start_time(int(owner_m.group(1))) is None
-        if dead and path not in spared and not _in_use(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(f"directory {path}")
+        if owner_m is None or path in spared:
+            continue
+        if (path / OWNER_LOCK).exists():
+            if _owner_holds(path):
+                continue  # the lock decides, whatever PID namespace its owner is in
+        elif nested or _start_time(int(owner_m.group(1))) is not None:
+            continue  # an older version's dir: only its pid can tell, and only seen from the root
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(f"directory {path}")
+    for path in Path(tempfile.gettempdir()).glob(f".{TMP_PREFIX}partial-*"):
+        # A run killed between making its dir and naming it (microseconds): old and unlocked.
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > 60 and not _owner_holds(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(f"directory {path}")
     return removed
-
-
-OWNER_LOCK = ".owner.lock"
-
-
-def _hold_owner_lock(directory: Path) -> int:
-    """A shared flock on a file in the lab's dir, held as long as the process lives.
-
-    A pid says little across PID namespaces (a cleaner in another one sees no such process), a
-    lock the kernel holds for a live owner says it everywhere: `clean_stale` spares a locked dir.
-    """
-    fd = os.open(directory / OWNER_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
-
-
-def _in_use(directory: Path) -> bool:
-    """Whether a live process still holds the dir's owner lock (see `_hold_owner_lock`)."""
-    try:
-        fd = os.open(directory / OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False  # an older version's dir, or one being removed
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _wait_gone(pid: int, timeout: float = END_TIMEOUT) -> None:

@@ -375,11 +375,12 @@ class SmtpdTarget(Target):
     def submit(self, mail: OutgoingMail) -> str:
         result = self.run(submission_command(mail, self.sendmail), stdin=mail.as_bytes())
         if result.returncode != 0:
+            said = f"{self.name}: {mail.via} exited {result.returncode}: {result.output}"
             # sendmail (smtpctl enqueue) says `sendmail: command failed: 550 Invalid recipient: <x>`
             reply = re.search(r"command failed: ([245]\d\d\b.*)", result.output)
             if reply is not None:
-                raise MailRefused(self.name, mail.via, reply.group(1).strip())
-            raise TargetError(f"{self.name}: {mail.via} exited {result.returncode}: {result.output}")
+                raise MailRefused(said, reply.group(1).strip())
+            raise TargetError(said)
         return result.output
 
     def submit_many(self, mails: Sequence[OutgoingMail]) -> list[Submission]:
