@@ -145,7 +145,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Run the config in a real smtpd (a lab test host, or a sandbox on --target ssh://...).
+    """Run the config in a real smtpd (a lab test host, a sandbox on --target ssh://...) or the
+    emulated one (--target emulated).
 
     The JSON and JUnit reports are written for every outcome once their paths are known to be
     good: a CI dashboard shows an exit 2 (the check could not run, and why) as an error, not as
@@ -313,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--target",
         default="lab",
-        metavar="lab|ssh://USER@HOST[:PORT]",
-        help="where smtpd runs: a lab test host (default), or a sandbox on an existing host with its own "
-        "smtpd (nothing on it modified; falls back to the lab when the host cannot sandbox)",
+        metavar="lab|emulated|ssh://USER@HOST[:PORT]",
+        help="where smtpd runs: a lab test host (default), a sandbox on an existing host with its own "
+        "smtpd (nothing on it modified; falls back to the lab when the host cannot sandbox), or the "
+        "emulated smtpd (no root, no OpenSMTPD; declines what it does not model: exit 2)",
     )
     check.add_argument("--identity", type=Path, help="SSH private key for --target ssh://")
     check.add_argument("--known-hosts", type=Path, help="known_hosts with the key of --target ssh://")
@@ -372,8 +374,8 @@ def _seconds(text: str) -> float:
 
 
 def _add_accept(sub: Any) -> None:
-    from harness.accept.run import RELAY_MODES
-    from harness.targets.shell import CONNECT_TIMEOUT
+    from harness.accept import RELAY_MODES
+    from harness.targets import CONNECT_TIMEOUT
 
     p = sub.add_parser(
         "accept",
@@ -446,8 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    if args.command != "lab":
-        _clean_after_killed_runs()
+    if args.command != "lab" and getattr(args, "target", None) != "emulated":
+        _clean_after_killed_runs()  # (the emulated target builds no test host, nor loads their stack)
     try:
         return func(args)
     except HarnessError as exc:

@@ -74,9 +74,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--relay-target",
         default="lab",
-        metavar="lab|ssh://USER@HOST[:PORT]",
-        help="where scenario configs run: lab (test hosts with the real OpenSMTPD, the default), or a "
-        "sandbox on an existing host with its own smtpd (falls back to the lab where it cannot)",
+        metavar="lab|emulated|ssh://USER@HOST[:PORT]",
+        help="where scenario configs run: lab (test hosts with the real OpenSMTPD, the default), a "
+        "sandbox on an existing host with its own smtpd (falls back to the lab where it cannot), or "
+        "emulated (in-process, no root; a case it cannot model is skipped with the reason)",
     )
     group.addoption("--relay-identity", type=Path, help="SSH private key for --relay-target ssh://")
     group.addoption("--relay-known-hosts", type=Path, help="known_hosts for --relay-target ssh://")
@@ -169,9 +170,10 @@ class ScenarioFile(pytest.File):
             scenario = load_scenario(self.path)
         except ScenarioError as exc:
             raise self.CollectError(f"malformed scenario: {exc}") from None
+        emulated = self.config.getoption("relay_target") == "emulated"
         for case in scenario.cases:
             item = ScenarioItem.from_parent(self, name=case.name, scenario=scenario, case=case)
-            for marker in (*case.markers, "lab"):
+            for marker in (*case.markers, *(() if emulated else ("lab",))):
                 item.add_marker(marker)
             yield item
 
@@ -208,18 +210,23 @@ class ScenarioItem(pytest.Item):
                 lab.destroy_host(host)
 
     def _run_elsewhere(self, spec: str) -> None:
-        """On --relay-target ssh://...: a sandbox on that host per case (the lab where it cannot)."""
+        """On --relay-target ssh://...: a sandbox on that host per case (the lab where it cannot);
+        on --relay-target emulated: the emulated smtpd, a case it cannot model skipped."""
         from harness.pki import TestPki
         from harness.scenarios import run_case
+        from harness.targets.emulated.decline import Declined
         from harness.targets.select import parse_target, run_on
 
         target = parse_target(
             spec, self.config.getoption("relay_identity"), self.config.getoption("relay_known_hosts")
         )
         pki = TestPki()
-        outcome, notes = run_on(
-            target, pki, self.case.profile.port, lambda t: run_case(t, self.scenario, self.case, pki)
-        )
+        try:
+            outcome, notes = run_on(
+                target, pki, self.case.profile.port, lambda t: run_case(t, self.scenario, self.case, pki)
+            )
+        except Declined as declined:
+            pytest.skip(str(declined))
         for note in notes:
             self.add_report_section("call", "relay-target", note)
         proves_nothing = self._judge_twin(outcome)

@@ -852,7 +852,11 @@ def test_malformed_scenarios_are_pytest_collection_errors(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("spec", "says"),
-    [("docker", "expected lab or ssh://"), ("ssh://x", "ssh://USER@HOST"), ("ssh://root@a..b", "DNS name")],
+    [
+        ("docker", "expected lab, emulated or ssh://"),
+        ("ssh://x", "ssh://USER@HOST"),
+        ("ssh://root@a..b", "DNS name"),
+    ],
 )
 def test_a_bad_relay_target_is_one_pytest_usage_error(tmp_path: Path, spec: str, says: str) -> None:
     """pytest's --relay-target is refused at configure time, naming the option, no traceback."""

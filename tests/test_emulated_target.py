@@ -17,7 +17,7 @@ import pytest
 
 from harness.pki import TestPki
 from harness.relay import DELIVERY, relay_run
-from harness.scenarios import Case, Scenario, load_scenario, run_case
+from harness.scenarios import Case, Scenario, judge_twin, load_scenario, run_case
 from harness.targets.base import Bundle, BundleFile, OutgoingMail, TargetError
 from harness.targets.emulated import Declined, EmulatedTarget
 from harness.upstream import Profile, parse_profile
@@ -75,9 +75,13 @@ def _library() -> list[tuple[Scenario, Case]]:
 def test_the_scenario_library_passes_on_the_emulated_target(
     scenario: Scenario, case: Case, pki: TestPki
 ) -> None:
+    """As the plugin runs it: the case's own expectations met, and a twin failing its positive's."""
     with EmulatedTarget() as target:
         outcome = run_case(target, scenario, case, pki)
     assert outcome.ok, outcome.explain()
+    if case.twin_of is not None:
+        verdict = judge_twin(scenario.case(case.twin_of), outcome.observation)
+        assert verdict.proves, verdict.explain()
 
 
 def test_relays_over_starttls_with_auth_plain_and_the_rewritten_sender(

@@ -27,10 +27,11 @@ from harness.probes import Probe, ProbeResult, plan_probes, run_probes
 from harness.redact import Redactor, secrets_table_credentials
 from harness.relay import ConfigRejected, relay_run
 from harness.smtpdconf import RelayExpectation, expectations
+from harness.targets import CONNECT_TIMEOUT
 from harness.targets.base import Bundle, Target, TargetError
 from harness.targets.sandbox import SandboxCapability, probe_capability, sandbox_target
 from harness.targets.select import lab_target
-from harness.targets.shell import CONNECT_TIMEOUT, Shell, as_root, connect
+from harness.targets.shell import Shell, as_root, connect
 from harness.targets.smtpd import EnclosureLimit
 from harness.upstream import Credential, Profile, UpstreamError, load_profile
 
@@ -40,7 +41,6 @@ WAY_SANDBOX = (
     "relay checked in a sandbox on the host (host's smtpd binary, config and tables as they are; "
     "its connections carried over SSH channels to the fake upstream)"
 )
-RELAY_MODES = ("auto", "sandbox", "lab")
 WAY_NONE = "relay not checked"
 # Users and groups a lab host has; other owners of copied files become root there.
 KNOWN_OWNERS = {"root", "_smtpd", "_smtpq", "opensmtpd", "opensmtpq"}

@@ -1,9 +1,10 @@
 """`--target SPEC` → a target: the one place check, the scenario plugin and accept turn one.
 
 SPEC is `lab` (a test host built here; the default), `ssh://USER@HOST[:PORT]` (a sandbox on an
-existing host: its own smtpd binary, nothing on it modified). Where the host cannot sandbox
-(not Linux, no unshare, or the config needs what the sandbox lacks), the run falls back to the
-lab and says why, naming the host's smtpd version.
+existing host: its own smtpd binary, nothing on it modified), or `emulated` (an in-process model
+of OpenSMTPD 6.8: no root, no smtpd; what it does not model it declines, exit 2). Where the host
+cannot sandbox (not Linux, no unshare, or the config needs what the sandbox lacks), the run
+falls back to the lab and says why, naming the host's smtpd version.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 from harness.targets.base import Target, TargetError
 
 T = TypeVar("T")
-SPECS = "lab or ssh://USER@HOST[:PORT]"
+SPECS = "lab, emulated or ssh://USER@HOST[:PORT]"
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class TargetSpec:
     """A parsed --target: its kind and, for ssh, how to reach the host."""
 
     text: str
-    kind: str  # "lab" or "ssh"
+    kind: str  # "lab", "emulated" or "ssh"
     identity: Path | None = None
     known_hosts: Path | None = None
 
@@ -38,8 +39,8 @@ def parse_target(
     text: str, identity: Path | None = None, known_hosts: Path | None = None, flag: str = "--target"
 ) -> TargetSpec:
     """The spec, or HarnessError naming `flag` (pytest's is --relay-target) and what is wrong."""
-    if text == "lab":
-        return TargetSpec(text, "lab")
+    if text in ("lab", "emulated"):
+        return TargetSpec(text, text)
     if text.startswith("ssh://"):
         from harness.targets.shell import parse_ssh_url
 
@@ -95,6 +96,11 @@ def run_on(
 
     Returns what `work` returned and notes saying where it ran (and why not where asked).
     """
+    if spec.kind == "emulated":
+        from harness.targets.emulated import EmulatedTarget
+
+        with EmulatedTarget() as emulated:
+            return work(emulated), list(emulated.notes)
     from harness.targets.smtpd import EnclosureLimit
 
     if spec.kind == "ssh":

@@ -23,12 +23,12 @@ import paramiko
 
 from harness.names import dns_name_problem
 from harness.redact import Redactor
+from harness.targets import CONNECT_TIMEOUT
 from harness.targets.base import LogFollower, TargetError
 from harness.userfiles import read_bytes, read_text
 
 # OpenBSD's names for smtpd's users and groups; a config written there says root:_smtpd.
 OPENBSD_GROUPS = {"_smtpd": "opensmtpd", "_smtpq": "opensmtpq"}
-CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)

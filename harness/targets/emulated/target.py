@@ -39,6 +39,10 @@ class EmulatedTarget(Target):
     def __init__(self, host: EmulatedHost | None = None) -> None:
         self.host = host or EmulatedHost()
         self.name = f"emulated:{self.host.hostname}"
+        self.notes = (
+            "ran on the emulated target: an in-process model of OpenSMTPD 6.8, not the real smtpd "
+            "(what it does not model it declines; --target lab runs the real one)",
+        )
         self.network = Network(self.host)
         self.redactor = Redactor()
         self.log = LogFollower()

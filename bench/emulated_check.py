@@ -1,0 +1,99 @@
+"""Wall time of `relay-harness check --target emulated` on the bundled example (goal: well under
+0.3 s), beside the same check on a lab test host (the real smtpd) and Python's own start-up, in
+the same run.
+
+Each run is a fresh process, timed from its start to its exit, as a CI job pays it. The lab row
+needs root (it is left out, and said so, otherwise). Nearest-rank percentiles.
+
+    python bench/emulated_check.py                 # 20 emulated runs, 5 lab runs, a table
+    python bench/emulated_check.py --runs 50 --lab-runs 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "ci" / "examples"
+GOAL_SECONDS = 0.3
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    return time.perf_counter() - start, proc
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=20, help="emulated checks (1-100)")
+    parser.add_argument("--lab-runs", type=int, default=5, help="lab checks beside them (0-20; needs root)")
+    args = parser.parse_args()
+    check = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "check",
+        str(EXAMPLE / "smtpd.conf"),
+        "--upstream",
+        str(EXAMPLE / "provider.toml"),
+        "--table",
+        f"aliases={EXAMPLE / 'aliases'}",
+    ]
+    rows: list[tuple[str, list[float]]] = []
+    floor = [timed([sys.executable, "-c", "pass"])[0] for _ in range(max(1, min(100, args.runs)))]
+    rows.append(("python -c pass (start-up floor)", floor))
+    walls, inner = [], []
+    for _ in range(max(1, min(100, args.runs))):
+        wall, proc = timed([*check, "--target", "emulated"])
+        m = re.search(r"in (\d+\.\d+)s$", proc.stdout.strip())
+        if proc.returncode != 0 or m is None:
+            print(f"emulated check failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+            return 1
+        walls.append(wall)
+        inner.append(float(m.group(1)))
+    rows.append(("emulated: wall, process start to exit", walls))
+    rows.append(("emulated: as the check reports it", inner))
+    lab_runs = max(0, min(20, args.lab_runs))
+    lab_note = ""
+    if lab_runs and os.geteuid() == 0:
+        lab = []
+        for _ in range(lab_runs):
+            wall, proc = timed([*check, "--target", "lab"])
+            if proc.returncode != 0:
+                print(f"lab check failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+                return 1
+            lab.append(wall)
+        rows.append(("lab (real smtpd): wall, process start to exit", lab))
+    elif lab_runs:
+        lab_note = "lab row left out: the lab needs root"
+    print(f"relay-harness check of ci/examples/smtpd.conf, seconds (load average {os.getloadavg()[0]:.1f})")
+    print(f"{'measurement':48} {'runs':>4} {'p50':>6} {'p95':>6} {'mean':>6}")
+    for name, values in rows:
+        print(
+            f"{name:48} {len(values):4d} {percentile(values, 50):6.3f} {percentile(values, 95):6.3f} "
+            f"{statistics.mean(values):6.3f}"
+        )
+    if lab_note:
+        print(lab_note)
+    met = "yes" if percentile(walls, 50) < GOAL_SECONDS else "NO"
+    print(f"goal: emulated wall p50 < {GOAL_SECONDS:g} s: {met}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
