@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import smtplib
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -204,6 +203,8 @@ class Daemon:
                 refused[rcpt_text] = (int(code), text.encode())
         if not accepted:
             session.disconnect("quit")
+            import smtplib  # for its words only, here: not paid by every check
+
             raise SubmissionFailed(f"{where}: {smtplib.SMTPRecipientsRefused(refused)}", 1)
         now = time.time()
         session.commit(sender, accepted, mail.as_bytes(), now, add_date=listener.local or port == 587)
