@@ -76,9 +76,12 @@ FAILURES: tuple[Failure, ...] = (
     ),
     Failure(
         "certificate check failed",
-        r"SSL certificate check failed|certificate verify failed",
+        # 6.8: `SSL certificate check failed` (after the handshake); 7.x (libtls): the handshake
+        # fails with `certificate verification failed: REASON` or `name `HOST' not present in ...`.
+        r"SSL certificate check failed|certificate verif(?:y|ication) failed"
+        r"|not present in server certificate",
         "the provider's certificate does not verify: issued for another name than the URL's host "
-        "(smtpd also logs `ssl_check_name: no match`), expired, or from a CA smtpd does not trust: "
+        "(smtpd 6.8 also logs `ssl_check_name: no match`), expired, or from a CA smtpd does not trust: "
         "use the name on the certificate, trust its CA with `ca NAME` + `relay ... ca NAME`, "
         "or have the provider fix its certificate",
         documented=True,

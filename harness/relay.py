@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 from harness.pki import TestPki
 from harness.smtpdconf import ConfigSyntaxError, parse_config, smarthosts
-from harness.targets.base import Bundle, ConfigCheck, LogFollower, OutgoingMail, Target, TargetError
+from harness.targets.base import (
+    Bundle,
+    ConfigCheck,
+    LogFollower,
+    OutgoingMail,
+    StartRefused,
+    Target,
+    TargetError,
+)
 from harness.upstream import MessageRecord, Profile, SessionRecord, UpstreamServer
 
 # smtpd logs one line per delivery attempt, relayed (mta, quoted fields) or local (mda, bare):
@@ -103,7 +111,10 @@ def relay_run(
         check = target.check_config(bundle.config_path)
         if not check.ok:
             raise ConfigRejected(target.name, check)
-        log = target.start(bundle.config_path)
+        try:
+            log = target.start(bundle.config_path)
+        except StartRefused as refused:  # accepted by smtpd -n, refused when smtpd starts
+            raise ConfigRejected(target.name, refused.check) from None
         try:
             yield RelayRun(target, upstream, log, check)
         finally:

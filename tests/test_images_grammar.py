@@ -139,3 +139,35 @@ def test_grammar_for_a_version(version: str, grammar: str) -> None:
 def test_unknown_grammar_is_refused() -> None:
     with pytest.raises(ValueError, match=r"grammar '7\.0': one of 6\.8, 7\.6"):
         parse_config(RELAY, grammar="7.0")
+
+
+# As 7.6 printed them here: the dispatcher gave up, then the others noticed (in either order).
+PROTOCOLS_FAILURE = [
+    "setup_done: lka[21617] done",
+    "mta_postfork: r",
+    'dispatcher: failed to parse protocols "tlsv1.9"',
+    "setup_done: dispatcher[21618] done",
+    "smtpd: setup done",
+    "smtpd: process control socket closed",
+]
+CIPHERS_FAILURE = [
+    "queue: done loading queue into scheduler",
+    "dispatcher: no ciphers for 'NOSUCH'",
+    "warn: parent -> dispatcher: imsg_read: Connection reset by peer",
+    "smtpd: exiting: Connection reset by peer",
+]
+NO_REASON = ["smtpd: setup done", "smtpd: process lka socket closed", "warn: parent -> lka: imsg_read: x"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason"),
+    [
+        (PROTOCOLS_FAILURE, 'dispatcher: failed to parse protocols "tlsv1.9"'),
+        (CIPHERS_FAILURE, "dispatcher: no ciphers for 'NOSUCH'"),
+        (NO_REASON, None),
+    ],
+)
+def test_why_smtpd_exited_while_starting(lines: list[str], reason: str | None) -> None:
+    from harness.targets.smtpd import start_failure
+
+    assert start_failure(lines) == reason

@@ -82,10 +82,22 @@ class ConfigCheck:
             return cls(True, text)
         if m:
             return cls(False, text, int(m.group(1)), m.group(2))
-        # fatalx(NULL) ends with a line saying only "smtpd": the reason is the line before it
-        said = [line for line in text.splitlines() if line.strip() not in ("", "smtpd")]
+        # fatalx(NULL) after a log_warnx ends the output with a bare "smtpd": the warning says why.
+        said = [line for line in text.splitlines() if line.strip() not in ("", "smtpd", "smtpd:")]
         last = said[-1] if said else f"smtpd -n exited {returncode}"
         return cls(False, text, None, last)
+
+
+class StartRefused(TargetError):
+    """smtpd accepted the config (`smtpd -n`) but exited while starting with it: the config's fault.
+
+    OpenSMTPD 7.x checks some settings only when its processes start (a misspelt `protocols`,
+    an unknown cipher): `check` carries the line the process that gave up logged.
+    """
+
+    def __init__(self, target: str, check: ConfigCheck) -> None:
+        self.check = check
+        super().__init__(f"{target}: smtpd exited while starting: {check.message}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from harness.targets.base import (
     LogFollower,
     MailRefused,
     OutgoingMail,
+    StartRefused,
     Submission,
     Target,
     TargetError,
@@ -229,6 +230,25 @@ def bulk_results(output: str, count: int, why: str) -> list[Submission]:
     return results
 
 
+# smtpd's processes; fatalx() in one logs `NAME: message` (log.c vfatalc), and smtpd exits.
+_PROCESSES = r"(?:parent|smtpd|dispatcher|lka|queue|scheduler|control|ca|pony|klondike)"
+_NOT_FATAL = re.compile(r"setup|socket closed|pipe closed|exiting|done loading queue|imsg_read")
+# ...unless what it could not do is the test host's to provide (an address, a port, a file's access)
+_HOST_LIMIT = re.compile(r"\bbind\b|Cannot assign requested address|Address already in use|Permission denied")
+
+
+def start_failure(lines: list[str]) -> str | None:
+    """Why smtpd exited while starting, in the words of the process that gave up (or None).
+
+    OpenSMTPD 7.x checks some settings only when its processes start: `dispatcher: failed to
+    parse protocols "tlsv1.9"`, `dispatcher: no ciphers for 'X'`.
+    """
+    for line in lines:
+        if re.match(rf"^{_PROCESSES}: ", line) and not _NOT_FATAL.search(line):
+            return line
+    return None
+
+
 def wait_ready(log: LogFollower, timeout: float) -> None:
     """Every READY line, in whatever order smtpd's processes log them."""
     deadline = time.monotonic() + timeout
@@ -367,6 +387,10 @@ class SmtpdTarget(Target):
                 why = self.enclosure.limit(line) if self.enclosure is not None else None
                 if why is not None:
                     raise EnclosureLimit(f"{self.name}: {why}") from None
+            refusal = start_failure(self.log.lines) if self.log.closed else None
+            if refusal is not None and not _HOST_LIMIT.search(refusal):
+                refusal = self.redact(refusal)
+                raise StartRefused(self.name, ConfigCheck(False, refusal, None, refusal)) from None
             cause = startup_failure(self.log.lines)
             head = f"smtpd did not start: {cause}" if cause else "smtpd did not start"
             raise TargetError(f"{self.name}: {self.redact(head)}\n{self.redact(str(exc))}") from None
