@@ -74,10 +74,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--relay-target",
         default="lab",
-        metavar="lab|emulated|ssh://USER@HOST[:PORT]",
-        help="where scenario configs run: lab (test hosts with the real OpenSMTPD, the default), a "
-        "sandbox on an existing host with its own smtpd (falls back to the lab where it cannot), or "
-        "emulated (in-process, no root; a case it cannot model is skipped with the reason)",
+        metavar="lab|lab:RELEASE|emulated|ssh://USER@HOST[:PORT]",
+        help="where scenario configs run: lab (test hosts with the real OpenSMTPD, the default), "
+        "lab:RELEASE (test hosts of another Debian release's image, e.g. lab:trixie), a sandbox on "
+        "an existing host with its own smtpd (falls back to the lab where it cannot), or emulated "
+        "(in-process, no root; a case it cannot model is skipped with the reason)",
     )
     group.addoption("--relay-identity", type=Path, help="SSH private key for --relay-target ssh://")
     group.addoption("--relay-known-hosts", type=Path, help="known_hosts for --relay-target ssh://")
@@ -186,18 +187,22 @@ class ScenarioItem(pytest.Item):
 
     def runtest(self) -> None:
         from harness.scenarios import run_case
+        from harness.targets.select import parse_target
 
-        spec = self.config.getoption("relay_target")
-        if spec != "lab":
-            self._run_elsewhere(spec)
+        spec = parse_target(self.config.getoption("relay_target"))
+        if spec.kind != "lab":
+            self._run_elsewhere(spec.text)
             return
+        from harness.targets.images import machine_release
+
         lab, pki = _scenario_lab(self.config)
-        host = lab.create_host()
+        host = lab.create_host(release=spec.release)
+        release = spec.release or machine_release()  # whose [case.expect.release.*] applies
         keep = False
         try:
             assert host.target is not None
-            outcome = run_case(host.target, self.scenario, self.case, pki)
-            proves_nothing = self._judge_twin(outcome)
+            outcome = run_case(host.target, self.scenario, self.case, pki, release)
+            proves_nothing = self._judge_twin(outcome, release)
             if not outcome.ok or proves_nothing:
                 report = "\n".join(filter(None, [proves_nothing, outcome.explain()]))
                 keep = bool(self.config.getoption("relay_keep"))
@@ -233,7 +238,7 @@ class ScenarioItem(pytest.Item):
         if not outcome.ok or proves_nothing:
             raise ScenarioFailure("\n".join(filter(None, [proves_nothing, outcome.explain()])))
 
-    def _judge_twin(self, outcome: CaseOutcome) -> str | None:
+    def _judge_twin(self, outcome: CaseOutcome, release: str | None = None) -> str | None:
         """Judge a twin's outcome by its positive's expectations; the failure text if none fails.
 
         The positive's expectations come from the scenario data, not from its run: the positive
@@ -243,7 +248,7 @@ class ScenarioItem(pytest.Item):
 
         if self.case.twin_of is None:
             return None
-        verdict = judge_twin(self.scenario.case(self.case.twin_of), outcome.observation)
+        verdict = judge_twin(self.scenario.case(self.case.twin_of), outcome.observation, release)
         text = outcome.redactor(verdict.explain())
         self.user_properties.append((TWIN_PROPERTY, text))
         if verdict.proves:

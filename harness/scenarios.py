@@ -10,22 +10,26 @@ the config and whose expectations say how. A twin must also fail its positive's 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.bundle import BundleError, TableInput, build_bundle, declared_tables
 from harness.errors import HarnessError
 from harness.expectations import Expectations, Mismatch, evaluate
-from harness.expectations_parse import parse_expectations, validate
+from harness.expectations_parse import Fail, parse_expectations, validate
 from harness.observation import Observation, Submission
 from harness.pki import TestPki
 from harness.redact import Redactor
 from harness.relay import ConfigRejected, RelayRun, relay_run
 from harness.smtpdconf import ConfigSyntaxError, parse_config
+from harness.smtpdconf.parse import WIDEST_GRAMMAR
 from harness.targets.base import Bundle, BundleFile, OutgoingMail, Target, TargetError
+from harness.targets.images import RELEASE_NAME
 from harness.upstream import Profile, ProfileError, profile_from_data
 from harness.userfiles import MAX_CONFIG_BYTES, UserFileError, read_text
 from harness.waiting import wait_until
@@ -38,9 +42,10 @@ MARKERS = {
     "aliases": "alias expansion and local delivery",
     "documented_error": "an error case documented in the seed article or smtpd's behaviour",
     "faults": "provider misbehaviour smtpd must survive",
-    "grammar": "smtpd.conf grammar across OpenBSD 6.4, 6.6, 6.7",
+    "grammar": "smtpd.conf grammar across OpenBSD 6.4, 6.6, 6.7 and OpenSMTPD 7.x",
     "lmtp": "LMTP relaying",
     "matching": "match rules: first match wins, from/for variants, negation, reject",
+    "upgrade": "what changes for a config from OpenSMTPD 6.8 (Debian 12) to 7.6 (Debian 13)",
 }
 
 _TOP = {
@@ -108,6 +113,26 @@ class Case:
     expect: Expectations
     line: int | None
     no_twin: str | None = None  # why this positive cannot have a broken twin (rarely true)
+    # `[case.expect.release.NAME]`: what differs on that Debian release's smtpd (laid over expect)
+    releases: Mapping[str, Expectations] = field(default_factory=dict)
+
+    def expect_on(self, release: str | None) -> Expectations:
+        """The expectations on a target of `release` (None: unknown, the case's own)."""
+        over = self.releases.get(release) if release else None
+        return self.expect if over is None else release_expectations(self.expect, over)
+
+
+def release_expectations(base: Expectations, over: Expectations) -> Expectations:
+    """A release's override laid over the case's expectations.
+
+    Groups the override gives replace the case's; refusal is all or nothing: an override that
+    expects `config_error` is the whole expectation (a refused config sends nothing), and one
+    that expects anything else on a config the case expects refused drops that refusal.
+    """
+    if over.config_error is not None:
+        return over
+    merged = base.overridden_by(over)
+    return dataclasses.replace(merged, config_error=None) if base.config_error is not None else merged
 
 
 @dataclass(frozen=True)
@@ -374,8 +399,13 @@ def _case(
     def fail(key: str, message: str) -> ScenarioError:
         return loc.error(key, message, index)
 
+    releases = raw_expect.get("release", {})
+    raw_expect = {k: v for k, v in raw_expect.items() if k != "release"}
+    if not raw_expect:
+        raise fail("expect", "each case needs expectations of its own besides [case.expect.release.*]")
     expect = parse_expectations(raw_expect, fail)
     validate(expect, fail)
+    overrides = _release_overrides(releases, expect, fail)
     return Case(
         name=name,
         description=description,
@@ -390,7 +420,25 @@ def _case(
         expect=expect,
         line=loc.line("name", index),
         no_twin=no_twin,
+        releases=overrides,
     )
+
+
+def _release_overrides(raw: Any, base: Expectations, fail: Fail) -> dict[str, Expectations]:
+    """`[case.expect.release.NAME]` tables: each parsed like [case.expect], checked merged."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise fail("expect.release", "must be tables: [case.expect.release.trixie]")
+    out = {}
+    for name, table in raw.items():
+        prefix = f"expect.release.{name}"
+        if not RELEASE_NAME.match(name):
+            raise fail(prefix, f"{name!r} is not a Debian release name (e.g. trixie)")
+        if not table:
+            raise fail(prefix, "say what differs on this release (or leave the table out)")
+        over = parse_expectations(table, fail, prefix)
+        validate(release_expectations(base, over), fail, prefix)
+        out[name] = over
+    return out
 
 
 def _check_tables(
@@ -403,7 +451,7 @@ def _check_tables(
 ) -> None:
     """At load time, what the bundle builder would refuse at run time: tables the config lacks."""
     try:
-        config = parse_config(config_text, "/etc/smtpd.conf")
+        config = parse_config(config_text, "/etc/smtpd.conf", WIDEST_GRAMMAR)
     except ConfigSyntaxError:
         config = None
     declared = declared_tables(config) if config is not None else {}
@@ -479,7 +527,7 @@ def _case_bundle(case: Case, secret_tables: tuple[str, ...], pki: TestPki) -> Bu
     bundle builder's own refusal cannot happen here.
     """
     try:
-        config = parse_config(case.config, "/etc/smtpd.conf")
+        config = parse_config(case.config, "/etc/smtpd.conf", WIDEST_GRAMMAR)
     except ConfigSyntaxError:
         config = None
     tables = {}
@@ -501,29 +549,33 @@ def _case_bundle(case: Case, secret_tables: tuple[str, ...], pki: TestPki) -> Bu
     )
 
 
-def run_case(target: Target, scenario: Scenario, case: Case, pki: TestPki) -> CaseOutcome:
+def run_case(
+    target: Target, scenario: Scenario, case: Case, pki: TestPki, release: str | None = None
+) -> CaseOutcome:
     """Run one case on a target: send its mail, wait for what it expects, observe, then judge.
 
-    A twin's observation also holds what its positive's expectations look at (their mailboxes),
+    `release` is the target's Debian release when known (lab hosts): its overrides apply. A
+    twin's observation also holds what its positive's expectations look at (their mailboxes),
     so that `judge_twin` can judge it by them without another run.
     """
     bundle = _case_bundle(case, scenario.secret_tables, pki)
-    judged = [case.expect]
+    expect = case.expect_on(release)
+    judged = [expect]
     if case.twin_of is not None:
-        judged.append(scenario.case(case.twin_of).expect)
+        judged.append(scenario.case(case.twin_of).expect_on(release))
     users = frozenset(u for e in judged for u in e.mailbox_users)
     try:
         with relay_run(target, bundle, case.profile, pki) as run:
-            if case.expect.config_error is not None:  # smtpd was meant to refuse it: send nothing
+            if expect.config_error is not None:  # smtpd was meant to refuse it: send nothing
                 observation = Observation(run.check)
                 evidence = [f"smtpd -n accepted the config: {run.check.output or '(no output)'}"]
             else:
-                observation = _observe(run, case, users)
+                observation = _observe(run, case, expect, users)
                 evidence = _evidence(run, observation)
     except ConfigRejected as refused:
         observation = Observation(refused.check)
         evidence = [f"smtpd -n: {refused.check.output}"]
-    mismatches = tuple(evaluate(case.expect, observation))
+    mismatches = tuple(evaluate(expect, observation))
     return CaseOutcome(observation, mismatches, tuple(evidence), _redactor(scenario, case))
 
 
@@ -533,7 +585,7 @@ def _redactor(scenario: Scenario, case: Case) -> Redactor:
     return Redactor((c.user, c.password) for k in cases for c in k.profile.credentials)
 
 
-def _observe(run: RelayRun, case: Case, users: frozenset[str]) -> Observation:
+def _observe(run: RelayRun, case: Case, expect: Expectations, users: frozenset[str]) -> Observation:
     """Submit the case's mail, wait (on events) until nothing it expects is pending, snapshot."""
     mark = run.log.mark()
     submissions = tuple(_submit(run, mail) for mail in case.mails)
@@ -556,12 +608,12 @@ def _observe(run: RelayRun, case: Case, users: frozenset[str]) -> Observation:
     def settled() -> bool | None:
         nonlocal retried
         live = snapshot(final=False)
-        for _ in range(case.expect.retries_due(live) - retried):  # retry deferred mail at once
+        for _ in range(expect.retries_due(live) - retried):  # retry deferred mail at once
             run.target.control("schedule", "all")
             retried += 1
-        return True if run.log.closed or not case.expect.pending(live) else None
+        return True if run.log.closed or not expect.pending(live) else None
 
-    wait_until(settled, [run.log, run.upstream.recorder], case.expect.wait_seconds)
+    wait_until(settled, [run.log, run.upstream.recorder], expect.wait_seconds)
     return snapshot(final=True)
 
 
@@ -614,17 +666,18 @@ class TwinVerdict:
         return f"twin discriminated by: {why}"
 
 
-def judge_twin(positive: Case, twin_observation: Observation) -> TwinVerdict:
-    """The positive's expectations judged on the twin's outcome: at least one must fail."""
-    return TwinVerdict(positive.name, tuple(evaluate(positive.expect, twin_observation)))
+def judge_twin(positive: Case, twin_observation: Observation, release: str | None = None) -> TwinVerdict:
+    """The positive's expectations (on `release`) judged on the twin's outcome: one must fail."""
+    return TwinVerdict(positive.name, tuple(evaluate(positive.expect_on(release), twin_observation)))
 
 
 INDEX_HEAD = """# Scenario library
 
 Each `*.toml` here is collected by pytest (`pytest scenarios/`, or `-k NAME`, `-m MARKER` with
-markers tls, auth, mail_from, aliases, documented_error, faults, grammar, lmtp, matching) and runs
-against the real OpenSMTPD on a lab test host with the fake upstream (or, with `--relay-target
-emulated`, on the emulated smtpd). A case marked *twin of X* is X's broken
+markers tls, auth, mail_from, aliases, documented_error, faults, grammar, lmtp, matching, upgrade)
+and runs against the real OpenSMTPD on a lab test host with the fake upstream (`--relay-target
+lab:trixie`: Debian 13's OpenSMTPD 7.6 from an image; `--relay-target emulated`: the emulated
+smtpd). A case marked *twin of X* is X's broken
 twin: the same config broken in one place, and what must then be seen instead.
 
 Format (see `harness/scenarios.py`): top-level `config` (inline) or `config_file`, `[tables]`
@@ -644,6 +697,11 @@ with overrides (`config_replace`, `upstream`, `tables`, `stale_tables`), `send` 
 - `deferrals` (smtpd's TempFails before the delivery, each retry triggered at once with
   `smtpctl schedule all`), `delivered_once` (each recipient accepted once, nothing left queued)
 - `timeout` (seconds, default 10)
+
+`[case.expect.release.NAME]` says what differs on Debian release NAME's smtpd (a lab test host
+of that release): its groups replace the case's, and a `config_error` there replaces all of them
+(a refused config sends nothing); the case's own expectations are this machine's release (6.8 on
+bookworm). Shown below as "on NAME".
 
 A case waits (on smtpd's log and the upstream's records, never a sleep) until what it expects to
 happen has happened, or the timeout; then what was seen is judged. Without `config_error` smtpd
@@ -674,5 +732,6 @@ def index_markdown(root: Path) -> str:
             twin = f" *(twin of {case.twin_of})*" if case.twin_of else ""
             twin += f" *(no twin: {case.no_twin})*" if case.no_twin else ""
             out.append(f"- `{case.name}`{twin}: {what}")
+            out.extend(f"  - on {name}: {over.toml()}" for name, over in sorted(case.releases.items()))
         out.append("")
     return "\n".join(out)

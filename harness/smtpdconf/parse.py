@@ -27,6 +27,9 @@ RawKind = TypingLiteral["pre-6.4", "unknown", "other"]
 
 GRAMMARS = ("6.8", "7.6")
 DEFAULT_GRAMMAR = "6.8"
+# Every later grammar accepts what an earlier one does: the one to read a config's declarations
+# (its tables, actions) with, whichever smtpd will judge it.
+WIDEST_GRAMMAR = GRAMMARS[-1]
 
 
 def grammar_for(smtpd_version: str) -> str:

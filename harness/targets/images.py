@@ -143,10 +143,16 @@ def machine_release(os_release: Path = Path("/etc/os-release")) -> str:
     return m.group(1) if m else ""
 
 
-def check_release(release: str) -> str:
-    """A Debian release debootstrap knows, or an ImageError listing the ones it does."""
+def check_release_name(release: str) -> str:
+    """A name that can be a release (checked before anything is built or looked up)."""
     if not RELEASE_NAME.match(release):
         raise ImageError(f"image {release!r}: not a Debian release name (e.g. trixie)")
+    return release
+
+
+def check_release(release: str) -> str:
+    """A Debian release debootstrap knows, or an ImageError listing the ones it does."""
+    check_release_name(release)
     if shutil.which("debootstrap") is None:
         raise ImageError(f"image {release}: debootstrap is not installed: apt-get install debootstrap")
     known = debian_releases()
@@ -324,10 +330,11 @@ def ensure_image(release: str, progress: Progress | None = None, cache: Path | N
     """The cached image of `release`; built now if there is none (built on first use)."""
     progress = progress or stderr_progress
     cache = cache or cache_dir()
-    check_release(release)
+    check_release_name(release)
     image = Image.load(cache / release)
     if image is not None:
-        return image
+        return image  # a cached image needs no debootstrap
+    check_release(release)
     with _locked(
         _build_lock(cache, release),
         fcntl.LOCK_EX,
@@ -540,8 +547,7 @@ def remove_image(release: str, progress: Progress | None = None, cache: Path | N
     """Remove the image of `release` (waiting for runs that use it); False if there was none."""
     progress = progress or stderr_progress
     cache = cache or cache_dir()
-    if not RELEASE_NAME.match(release):
-        raise ImageError(f"image {release!r}: not a Debian release name (e.g. trixie)")
+    check_release_name(release)
     final = cache / release
     if not final.exists():
         return False

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -58,6 +58,7 @@ from harness.smtpdconf import (
     programs,
     smarthosts,
 )
+from harness.smtpdconf.parse import WIDEST_GRAMMAR
 from harness.targets.base import Bundle, TargetError
 from harness.targets.shell import Shell
 from harness.targets.smtpd import SmtpdTarget
@@ -71,6 +72,9 @@ from harness.targets.testnet import (
     interface_problem,
 )
 from harness.upstream import UpstreamError, UpstreamServer
+
+if TYPE_CHECKING:
+    from harness.targets.images import Image, ImageLease
 
 PREFIX = "rh"
 SLOTS = LAB_NETWORK.num_addresses // 4 - 1  # one /30 per host; slot 0 is left unused
@@ -239,9 +243,11 @@ Subsystem sftp internal-sftp
 class LabHost:
     """One test host. Built by `Lab.create_host`; `target` is the SSH target that drives it."""
 
-    def __init__(self, lab: Lab, index: int) -> None:
+    def __init__(self, lab: Lab, index: int, root: Path | None = None, release: str | None = None) -> None:
         self.lab = lab
         self.index = index
+        self.root = root or lab.root  # the lower root: the lab's, or an image's (lab:RELEASE)
+        self.release = release
         self.name = f"{PREFIX}-{os.getpid()}-{index}"
         self.veth = f"{PREFIX}{os.getpid()}h{index}"
         self.hostname = f"host{index}.{DOMAIN}"
@@ -271,6 +277,16 @@ class LabHost:
     def upstream_address(self) -> str:
         assert self.slot is not None
         return self.slot.outside
+
+    def describe_root(self) -> str:
+        """Whose sshd and smtpd the host runs, with `smtpd -h`'s version (for reports)."""
+        if self.release is not None:
+            image = self.lab._image(self.release)
+            return (
+                f"Debian {self.release} image ({image.smtpd_version}, opensmtpd {image.opensmtpd}, "
+                f"built {image.built_at})"
+            )
+        return f"this machine's {self.root} ({_smtpd_version(self.root)})"
 
     @property
     def netns_path(self) -> str:
@@ -313,7 +329,7 @@ class LabHost:
             ("/run/relay-harness/sshd_config", 0o644, SSHD_CONFIG.format(address=self.address).encode()),
         ]
         return {
-            "lower": str(self.lab.root),
+            "lower": str(self.root),
             "newroot": str(self.dir / "root"),
             "layers": str(self.dir / "layers"),
             "skip": [str(self.lab.dir)],
@@ -648,12 +664,22 @@ class LabHost:
             self.process.stdout.close()
 
 
+@functools.cache
+def _smtpd_version(root: Path) -> str:
+    """`smtpd -h`'s version line of the smtpd under `root` (this machine's, for the default root)."""
+    cmd = [str(root / "usr/sbin/smtpd"), "-h"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
+    m = re.search(r"version:\s*(.+)", proc.stdout + proc.stderr)
+    return m.group(1).strip() if m else "OpenSMTPD, version unknown"
+
+
 class LabTarget(SmtpdTarget):
     """The target of a test host: installing a bundle first makes what its listeners name, and
     the fake upstream answers at every address literal its relay URLs dial."""
 
     def __init__(self, host: LabHost, client: paramiko.SSHClient) -> None:
-        name = f"lab:{host.hostname}"
+        # lab:HOST, or lab:RELEASE/HOST for a host of another release's image
+        name = f"lab:{host.release}/{host.hostname}" if host.release else f"lab:{host.hostname}"
         super().__init__(
             name,
             Shell(name, client),
@@ -662,6 +688,8 @@ class LabTarget(SmtpdTarget):
             upstream_peers=(host.address,),  # smtpd's connections come from here, and nobody else's
         )
         self.host = host
+        self._root_notes = (f"{name}: {host.describe_root()}",)
+        self.notes = self._root_notes
         self._upstream: UpstreamServer | None = None
 
     def attach_upstream(self, upstream: UpstreamServer) -> None:
@@ -673,7 +701,7 @@ class LabTarget(SmtpdTarget):
         config = None
         if bundle.config is not None:
             with contextlib.suppress(ConfigSyntaxError):  # smtpd judges it; nothing to make for it
-                config = parse_config(bundle.config, bundle.config_path)
+                config = parse_config(bundle.config, bundle.config_path, WIDEST_GRAMMAR)
         if config is not None:
             self.host.provide(listen_needs(config))
         super().install(bundle)
@@ -684,7 +712,7 @@ class LabTarget(SmtpdTarget):
             for address in smarthosts(config):
                 if _is_address(address):
                     self.host.serve_upstream_at(address, self._upstream)
-        self.notes = tuple(self.host.notes)  # what the host made for it, for the report
+        self.notes = (*self._root_notes, *self.host.notes)  # its root, what the host made for it
 
     def _check_backends(self, needed: Iterable[Backend]) -> None:
         """Every table backend the config names that Debian packages is installed: else smtpd -n
@@ -788,6 +816,7 @@ class Lab:
         self.root = Path(root)
         self.ca_pem = ca_pem
         self.hosts: list[LabHost] = []
+        self._images: dict[str, ImageLease] = {}
         with contextlib.suppress(OSError, LabError):
             clean_stale()  # what killed runs left, before adding to it
         with _signals_deferred():
@@ -826,8 +855,13 @@ class Lab:
         )
         return path
 
-    def create_host(self) -> LabHost:
-        host = LabHost(self, next(_host_numbers))
+    def create_host(self, release: str | None = None) -> LabHost:
+        """A fresh test host; `release`: of that Debian release's image (built on first use)."""
+        root = None
+        if release is not None:
+            image = self._image(release)
+            root = image.root
+        host = LabHost(self, next(_host_numbers), root, release)
         self.hosts.append(host)
         try:
             with _lab_lock():
@@ -858,6 +892,20 @@ class Lab:
         if host in self.hosts:
             self.hosts.remove(host)
 
+    def _image(self, release: str) -> Image:
+        """The image of `release`, held (shared) until the lab closes: no rebuild swaps it meanwhile."""
+        from harness.targets.images import use_image
+
+        if release not in self._images:
+            lease = use_image(release)
+            try:
+                check_environment(lease.image.root)
+            except BaseException:
+                lease.close()
+                raise
+            self._images[release] = lease
+        return self._images[release].image
+
     def close(self) -> None:
         with _signals_deferred():
             for host in reversed(self.hosts):
@@ -866,6 +914,9 @@ class Lab:
             shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.close(self._owner_lock)
+            for lease in self._images.values():
+                lease.close()
+            self._images.clear()
 
     def __enter__(self) -> Lab:
         return self

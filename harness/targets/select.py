@@ -1,10 +1,12 @@
 """`--target SPEC` → a target: the one place check, the scenario plugin and accept turn one.
 
-SPEC is `lab` (a test host built here; the default), `ssh://USER@HOST[:PORT]` (a sandbox on an
-existing host: its own smtpd binary, nothing on it modified), or `emulated` (an in-process model
-of OpenSMTPD 6.8: no root, no smtpd; what it does not model it declines, exit 2). Where the host
-cannot sandbox (not Linux, no unshare, or the config needs what the sandbox lacks), the run
-falls back to the lab and says why, naming the host's smtpd version.
+SPEC is `lab` (a test host built here; the default), `lab:RELEASE` (a test host running another
+Debian release's sshd and smtpd from an image, built on first use; the machine's own release is
+plain `lab`), `ssh://USER@HOST[:PORT]` (a sandbox on an existing host: its own smtpd binary,
+nothing on it modified), or `emulated` (an in-process model of OpenSMTPD 6.8: no root, no smtpd;
+what it does not model it declines, exit 2). Where the host cannot sandbox (not Linux, no
+unshare, or the config needs what the sandbox lacks), the run falls back to the lab and says
+why, naming the host's smtpd version.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 from harness.targets.base import Target, TargetError
 
 T = TypeVar("T")
-SPECS = "lab, emulated or ssh://USER@HOST[:PORT]"
+SPECS = "lab, lab:RELEASE (e.g. lab:trixie), emulated or ssh://USER@HOST[:PORT]"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class TargetSpec:
     kind: str  # "lab", "emulated" or "ssh"
     identity: Path | None = None
     known_hosts: Path | None = None
+    release: str | None = None  # lab:RELEASE of another release than the machine's: its image
 
 
 def parse_target(
@@ -41,6 +44,11 @@ def parse_target(
     """The spec, or HarnessError naming `flag` (pytest's is --relay-target) and what is wrong."""
     if text in ("lab", "emulated"):
         return TargetSpec(text, text)
+    if text.startswith("lab:"):
+        from harness.targets.images import check_release_name, machine_release
+
+        release = check_release_name(text.removeprefix("lab:"))
+        return TargetSpec(text, "lab", release=None if release == machine_release() else release)
     if text.startswith("ssh://"):
         from harness.targets.shell import parse_ssh_url
 
@@ -53,12 +61,12 @@ def parse_target(
 
 
 @contextlib.contextmanager
-def lab_target(pki: TestPki) -> Iterator[Target]:
-    """One fresh lab test host, removed afterwards."""
+def lab_target(pki: TestPki, release: str | None = None) -> Iterator[Target]:
+    """One fresh lab test host (of `release`'s image, or of this machine), removed afterwards."""
     from harness.targets.lab import Lab
 
     with Lab(pki.ca_pem) as lab:
-        host = lab.create_host()
+        host = lab.create_host(release=release)
         assert host.target is not None
         yield host.target
 
@@ -112,6 +120,5 @@ def run_on(
         notes = [f"{spec.text}: the sandbox cannot run this ({why}); ran in the local lab instead"]
     else:
         notes = []
-    with lab_target(pki) as target:
-        result = work(target)
-        return result, notes + list(target.notes)
+    with lab_target(pki, spec.release) as target:
+        return work(target), [*notes, *target.notes]
