@@ -165,35 +165,56 @@ def cmd_check(args: argparse.Namespace) -> int:
     from harness.targets.select import parse_target, run_on
 
     given = [Path(v.partition("=")[2]) for v in (args.table or []) + (args.file or []) if "=" in v]
-    reports = outputs(
+    files = outputs(
         {"--report-json": args.report_json, "--junit": args.junit}, [args.config, args.upstream, *given]
     )
+    targets = args.target or ["lab"]
     try:
         config_text = read_text(args.config, limit=MAX_CONFIG_BYTES)
         profile = load_profile(args.upstream)
         tables = parse_table_flags(args.table or [])
-        files = parse_file_flags(args.file or [])
-        spec = parse_target(args.target, args.identity, args.known_hosts)
-        inp = CheckInput(args.config, config_text, profile, tables, read_tables(tables), files)
+        given_files = parse_file_flags(args.file or [])
+        specs = [parse_target(t, args.identity, args.known_hosts) for t in targets]
+        inp = CheckInput(args.config, config_text, profile, tables, read_tables(tables), given_files)
         check_input(inp)
         pki = TestPki()
-        report, notes = run_on(spec, pki, profile.port, lambda target: run_check(target, inp, pki))
+        reports = []
+        for spec in specs:  # one after the other: each target's hosts are gone before the next starts
+            report, notes = run_on(spec, pki, profile.port, lambda target: run_check(target, inp, pki))
+            report.notes.extend(notes)
+            reports.append(report)
     except HarnessError as exc:
-        _check_reports(reports, CheckReport(str(args.config), args.target or "lab", "error", error=str(exc)))
+        if len(targets) == 1:
+            _check_reports(files, CheckReport(str(args.config), targets[0], "error", error=str(exc)))
         raise
-    report.notes.extend(notes)
+    if len(specs) > 1:
+        return _check_side_by_side([s.text for s in specs], reports, files)
     print(text_report(report), flush=True)
-    _check_reports(reports, report)
+    _check_reports(files, report)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def _check_reports(reports: dict[str, Output], report: CheckReport) -> None:
+def _check_reports(files: dict[str, Output], report: CheckReport) -> None:
     from harness.report import check_junit_xml, json_bytes, json_report
 
-    if "--report-json" in reports:
-        reports["--report-json"].write(json_bytes(json_report(report)))
-    if "--junit" in reports:
-        reports["--junit"].write(check_junit_xml(report))
+    if "--report-json" in files:
+        files["--report-json"].write(json_bytes(json_report(report)))
+    if "--junit" in files:
+        files["--junit"].write(check_junit_xml(report))
+
+
+def _check_side_by_side(labels: list[str], reports: list[Any], files: dict[str, Any]) -> int:
+    """Several --target: each target's report, then what differs between them, with both evidences."""
+    from harness.report import json_bytes
+    from harness.sidebyside import compare, side_by_side_json, side_by_side_junit_xml, side_by_side_text
+
+    sbs = compare(labels, reports)
+    print(side_by_side_text(sbs), flush=True)
+    if "--report-json" in files:
+        files["--report-json"].write(json_bytes(side_by_side_json(sbs)))
+    if "--junit" in files:
+        files["--junit"].write(side_by_side_junit_xml(sbs))
+    return EXIT_OK if sbs.ok else EXIT_FAILED
 
 
 def cmd_accept(args: argparse.Namespace) -> int:
@@ -217,6 +238,7 @@ def cmd_accept(args: argparse.Namespace) -> int:
         not args.no_relay,
         args.relay_mode,
         args.connect_timeout,
+        args.upgrade_to,
     )
     report = run_accept(options)
     print(accept_text(report), flush=True)
@@ -313,11 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--target",
-        default="lab",
-        metavar="lab|emulated|ssh://USER@HOST[:PORT]",
-        help="where smtpd runs: a lab test host (default), a sandbox on an existing host with its own "
-        "smtpd (nothing on it modified; falls back to the lab when the host cannot sandbox), or the "
-        "emulated smtpd (no root, no OpenSMTPD; declines what it does not model: exit 2)",
+        action="append",
+        metavar="lab|lab:RELEASE|emulated|ssh://USER@HOST[:PORT]",
+        help="where smtpd runs: a lab test host (default), one of another Debian release (lab:trixie, "
+        "its image built on first use), a sandbox on an existing host with its own smtpd (nothing "
+        "on it modified; falls back to the lab when the host cannot sandbox), or the emulated smtpd "
+        "(no root, no OpenSMTPD; declines what it does not model: exit 2); give several to compare",
     )
     check.add_argument("--identity", type=Path, help="SSH private key for --target ssh://")
     check.add_argument("--known-hosts", type=Path, help="known_hosts with the key of --target ssh://")
@@ -423,6 +446,12 @@ def _add_accept(sub: Any) -> None:
         "(its binary, config and tables as they are), lab = the host's files copied into a local lab "
         "host, auto = the sandbox when the host can run it (default)",
     )
+    p.add_argument(
+        "--upgrade-to",
+        metavar="RELEASE",
+        help="also run the host's config and tables on that Debian release's smtpd (a lab test host of "
+        "its image, e.g. trixie) and list what would break or change beside today's behaviour",
+    )
     p.set_defaults(func=cmd_accept)
 
 
@@ -448,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    if args.command != "lab" and getattr(args, "target", None) != "emulated":
+    if args.command != "lab" and (getattr(args, "target", None) or ["lab"]) != ["emulated"]:
         _clean_after_killed_runs()  # (the emulated target builds no test host, nor loads their stack)
     try:
         return func(args)

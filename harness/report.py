@@ -196,8 +196,8 @@ def write_junit(report: CheckReport, path: Path) -> None:
     path.write_bytes(check_junit_xml(report))
 
 
-def check_junit_xml(report: CheckReport) -> bytes:
-    """One testcase per probe; a refused config is one failing testcase `smtpd-accepts-config`."""
+def junit_report(report: CheckReport) -> Report:
+    """The check's report with one row per JUnit testcase: a refused config is one failing row."""
     out = check_report(report)
     if report.verdict == "error":
         out.rows = [
@@ -212,7 +212,12 @@ def check_junit_xml(report: CheckReport) -> bytes:
             body=text(out),
         )
         out.rows.insert(0, refused)
-    return junit_xml(out)
+    return out
+
+
+def check_junit_xml(report: CheckReport) -> bytes:
+    """One testcase per probe; a refused config is one failing testcase `smtpd-accepts-config`."""
+    return junit_xml(junit_report(report))
 
 
 # -- accept ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 from harness.accept import baseline as baselines
 from harness.accept.facts import AcceptError, Fact, HostFacts, gather, preflight, unchanged
 from harness.bundle import TableInput, build_bundle
+from harness.check import CheckReport
 from harness.pki import TestPki
 from harness.probes import Probe, ProbeResult, plan_probes, run_probes
 from harness.redact import Redactor, secrets_table_credentials
@@ -47,13 +48,13 @@ KNOWN_OWNERS = {"root", "_smtpd", "_smtpq", "opensmtpd", "opensmtpq"}
 
 
 # -- the relay, on a copy -----------------------------------------------------------------------
-def _route(facts: HostFacts) -> RelayExpectation | None:
+def smarthost_route(facts: HostFacts) -> RelayExpectation | None:
     if facts.parsed is None:
         return None
     return next((r for r in expectations(facts.parsed) if r.via == "smarthost" and r.connect_host), None)
 
 
-def _profile_for(route: RelayExpectation, facts: HostFacts) -> tuple[Profile, str]:
+def relay_profile(route: RelayExpectation, facts: HostFacts) -> tuple[Profile, str]:
     """Without --upstream: a provider like the URL says, accepting the host's own credentials."""
     creds: list[Credential] = []
     table = next((t for t in facts.tables if t.name == route.auth_table), None)
@@ -81,7 +82,7 @@ def _owner(name: str) -> str:
     return name if name in KNOWN_OWNERS else "root"
 
 
-def _bundle(facts: HostFacts) -> Bundle:
+def host_bundle(facts: HostFacts) -> Bundle:
     """The host's config and tables as read, with their modes and owners, for a copy in the lab."""
     assert facts.config is not None
     tables: dict[str, TableInput] = {}
@@ -108,18 +109,20 @@ def relay_probe(
     lab_factory: LabFactory,
     mode: str = "lab",
     shell: Shell | None = None,
-) -> tuple[list[Fact], str, list[str]]:
+) -> tuple[list[Fact], str, list[str], CheckReport | None]:
     """The relay tried for real: in a sandbox on the host, or on a copy in the local lab.
 
     `mode` "sandbox" insists on the host (exit 2 when it cannot), "auto" prefers it and says
-    why it fell back, "lab" copies the host's files into a local lab host.
+    why it fell back, "lab" copies the host's files into a local lab host. Also returns the
+    probes' outcome as a check report (None when nothing was probed), for `--upgrade-to`.
     """
     notes: list[str] = []
-    route = _route(facts)
+    route = smarthost_route(facts)
     if route is None:
-        return [Fact("relay", "info", "the config has no smarthost route: relay not probed")], WAY_NONE, notes
+        fact = Fact("relay", "info", "the config has no smarthost route: relay not probed")
+        return [fact], WAY_NONE, notes, None
     if profile is None:
-        profile, note = _profile_for(route, facts)
+        profile, note = relay_profile(route, facts)
         notes.append(note)
     elif (route.connect_host, route.port) != (profile.host, profile.port):
         fact = Fact(
@@ -129,21 +132,21 @@ def relay_probe(
             f"the profile is for {profile.host}:{profile.port}; relay not probed",
             hint="point the relay URL at the provider in the profile, or pass that provider's profile",
         )
-        return [fact], WAY_NONE, notes
+        return [fact], WAY_NONE, notes, None
     if mode != "lab" and shell is not None:
         capability = probe_capability(shell.run)
         why = capability.reason
         if why is None:
             try:
-                sandbox_facts, probe_notes = _sandbox_probe(shell, capability, facts, profile)
-                return sandbox_facts, WAY_SANDBOX, notes + probe_notes
+                sandbox_facts, probe_notes, report = _sandbox_probe(shell, capability, facts, profile)
+                return sandbox_facts, WAY_SANDBOX, notes + probe_notes, report
             except EnclosureLimit as exc:
                 why = str(exc)
         if mode == "sandbox":
             raise AcceptError(f"{shell.name}: --relay-mode sandbox: the host cannot run the sandbox: {why}")
         notes.append(f"the host cannot run the relay sandbox ({why}): its files were copied to the local lab")
-    facts_out, lab_notes = _lab_probe(facts, profile, lab_factory)
-    return facts_out, WAY_COPY, notes + lab_notes
+    facts_out, lab_notes, report = lab_probe(facts, profile, lab_factory)
+    return facts_out, WAY_COPY, notes + lab_notes, report
 
 
 def _relay_fact(probe: Probe, r: ProbeResult, where: str) -> Fact:
@@ -160,32 +163,37 @@ def _relay_fact(probe: Probe, r: ProbeResult, where: str) -> Fact:
 
 def _probe_on(
     target: Target, bundle: Bundle, facts: HostFacts, profile: Profile, pki: TestPki, where: str
-) -> list[Fact]:
+) -> tuple[list[Fact], CheckReport]:
     """The relay probes through `relay_run` on any target; a refused config is a fact, not an error."""
     redactor = facts_redactor(facts, profile)
     add = getattr(target, "redactor", None)
     if isinstance(add, Redactor):
         add.extend(redactor)
-    probes, _ = plan_probes(_bundle(facts), facts.parsed)
+    probes, _ = plan_probes(host_bundle(facts), facts.parsed)
+    report = CheckReport(facts.config_path, target.name, "fail")
     try:
         with relay_run(target, bundle, profile, pki) as run:
             results = run_probes(run, probes, profile, redactor)
     except ConfigRejected as refused:
-        return [
-            Fact(
-                "relay",
-                "fail",
-                f"smtpd {where} refused the host's config and tables",
-                f"smtpd -n -f {facts.config_path}",
-                redactor(refused.check.output),
-            )
-        ]
-    return [_relay_fact(p, r, where) for p, r in zip(probes, results, strict=True)]
+        report.verdict = "refused"
+        report.refusal = redactor(refused.check.message or refused.check.output)
+        report.refusal_line = refused.check.line
+        fact = Fact(
+            "relay",
+            "fail",
+            f"smtpd {where} refused the host's config and tables",
+            f"smtpd -n -f {facts.config_path}",
+            redactor(refused.check.output),
+        )
+        return [fact], report
+    report.results = results
+    report.verdict = "pass" if all(r.ok for r in results) else "fail"
+    return [_relay_fact(p, r, where) for p, r in zip(probes, results, strict=True)], report
 
 
 def _sandbox_probe(
     shell: Shell, capability: SandboxCapability, facts: HostFacts, profile: Profile
-) -> tuple[list[Fact], list[str]]:
+) -> tuple[list[Fact], list[str], CheckReport]:
     """The host's smtpd, config and tables as they are, in private namespaces on the host.
 
     EnclosureLimit (before any probe ran) lets "auto" fall back to the lab; any other failure
@@ -193,13 +201,13 @@ def _sandbox_probe(
     Ctrl-C included, and what was found is a fact of its own.
     """
     redactor = facts_redactor(facts, profile)
-    _, notes = plan_probes(_bundle(facts), facts.parsed)
+    _, notes = plan_probes(host_bundle(facts), facts.parsed)
     sbin = facts.smtpd.rpartition("/")[0] or "/usr/sbin"
     target, sandbox = sandbox_target(shell, sbin, capability, profile.port)
     where = f"in the sandbox on {shell.name}, the host's {facts.config_path} and tables as they are"
     in_place = Bundle(None, config_path=facts.config_path)
     try:
-        out = _probe_on(target, in_place, facts, profile, TestPki(), where)
+        out, report = _probe_on(target, in_place, facts, profile, TestPki(), where)
     except EnclosureLimit:
         raise
     except (TargetError, UpstreamError, EOFError) as exc:
@@ -210,7 +218,7 @@ def _sandbox_probe(
     finally:
         target.close()
     out.append(_sandbox_gone(sandbox.netns, sandbox.dir, sandbox.leftovers))
-    return out, notes
+    return out, notes, report
 
 
 def _sandbox_gone(netns: str | None, directory: str | None, leftovers: list[str]) -> Fact:
@@ -232,24 +240,26 @@ def _sandbox_gone(netns: str | None, directory: str | None, leftovers: list[str]
     )
 
 
-def _lab_probe(facts: HostFacts, profile: Profile, lab_factory: LabFactory) -> tuple[list[Fact], list[str]]:
+def lab_probe(
+    facts: HostFacts, profile: Profile, lab_factory: LabFactory
+) -> tuple[list[Fact], list[str], CheckReport]:
     """The host's config and tables, copied verbatim into a local lab host, relaying to the fake."""
     redactor = facts_redactor(facts, profile)
-    bundle = _bundle(facts)
+    bundle = host_bundle(facts)
     _, notes = plan_probes(bundle, facts.parsed)
     pki = TestPki()
     try:
         with lab_factory(pki) as target:
             files = f"{len(bundle.files)} table file(s)"
             where = f"on {target.name} with the host's {facts.config_path} and {files}, copied"
-            out = _probe_on(target, bundle, facts, profile, pki, where)
+            out, report = _probe_on(target, bundle, facts, profile, pki, where)
     except (TargetError, UpstreamError, EOFError) as exc:
         # The harness, not the host, failed: exit 2, with the way out for a machine without a lab.
         raise AcceptError(
             f"the relay probe could not run in the local lab: {redactor(str(exc)) or type(exc).__name__} "
             "(pass --no-relay to check the host's facts only)"
         ) from None
-    return out, notes
+    return out, notes, report
 
 
 def facts_redactor(facts: HostFacts, profile: Profile | None) -> Redactor:
@@ -276,6 +286,7 @@ class AcceptOptions:
     relay: bool = True
     relay_mode: str = "auto"
     connect_timeout: float = CONNECT_TIMEOUT
+    upgrade_to: str | None = None  # a Debian release: the host's files also run on its smtpd
 
 
 @dataclass
@@ -303,6 +314,10 @@ def _default_lab(pki: TestPki) -> AbstractContextManager[Target]:
 def run_accept(options: AcceptOptions, lab_factory: LabFactory = _default_lab) -> AcceptReport:
     """Everything `accept` does; AcceptError/BaselineError for exit 2, a report otherwise."""
     started = time.monotonic()
+    if options.upgrade_to is not None:
+        from harness.targets.images import check_release_name
+
+        check_release_name(options.upgrade_to)  # a bad name is exit 2 before the host is contacted
     profile = _load_profile(options.upstream)
     before = baselines.load(options.baseline) if options.baseline else None
     report = AcceptReport(options.url)
@@ -314,14 +329,21 @@ def run_accept(options: AcceptOptions, lab_factory: LabFactory = _default_lab) -
                 shell.redactor.add(cred.user, cred.password)
         gather(shell, facts, profile, options.mail_log)
         relay: list[Fact] = []
+        today = None
         if options.relay:
-            relay, report.relay_way, notes = relay_probe(
+            relay, report.relay_way, notes, today = relay_probe(
                 facts, profile, lab_factory, options.relay_mode, shell
             )
             report.notes.extend(notes)
         else:
             report.notes.append("--no-relay: the relay was not probed")
         facts.facts.extend(relay)
+        if options.upgrade_to is not None:
+            from harness.accept.upgrade import upgrade_facts
+
+            upgraded, notes = upgrade_facts(facts, profile, options.upgrade_to, today, report.relay_way)
+            facts.facts.extend(upgraded)
+            report.notes.extend(notes)
         facts.facts.append(unchanged(shell, facts.read_files()))
         redact = shell.redactor
         report.facts = [_redacted(f, redact) for f in facts.facts]

@@ -1,0 +1,197 @@
+"""lab:RELEASE end to end: test hosts of the trixie image through check, pytest and accept.
+
+Real commands against the real smtpds: 6.8 on this machine's root, 7.6 in the trixie image
+(built on first use into the machine's cache, as `lab:trixie` builds it for a user). Each
+comparison has its pair: a config both releases agree on, and one they do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.errors import HarnessError
+from harness.pki import TestPki
+from harness.targets.images import Image, use_image
+from harness.targets.lab import Lab, LabError, check_environment
+from harness.targets.select import parse_target
+
+pytestmark = pytest.mark.lab
+
+DATA = Path(__file__).parent / "data" / "check"
+GOOD = DATA / "good.conf"
+PROVIDER = DATA / "provider.toml"
+SECRETS = f"secrets={DATA / 'secrets'}"
+ALIASES = f"aliases={DATA / 'aliases'}"
+
+
+def _needs_lab() -> None:
+    why = None
+    try:
+        check_environment()
+    except LabError as exc:
+        why = str(exc)
+    if why is None and shutil.which("debootstrap") is None:
+        why = "debootstrap is not installed: apt-get install debootstrap"
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot run under CI: {why}", pytrace=False)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def trixie() -> Iterator[Image]:
+    _needs_lab()
+    lease = use_image("trixie")
+    try:
+        yield lease.image
+    finally:
+        lease.close()
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *argv], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+# -- the target spec -------------------------------------------------------------------------------
+
+
+def test_lab_release_specs() -> None:
+    from harness.targets.images import machine_release
+
+    assert parse_target("lab:trixie").release == "trixie"
+    assert parse_target(f"lab:{machine_release()}").release is None  # this machine's own root
+    with pytest.raises(HarnessError, match=r"image 'Trixie!': not a Debian release name"):
+        parse_target("lab:Trixie!")
+
+
+def test_check_with_an_unknown_release_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _needs_lab()
+    rc = main(["check", str(GOOD), "--upstream", str(PROVIDER), "--target", "lab:jammy"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "image jammy: not a Debian release this debootstrap knows" in err
+    assert "Traceback" not in err
+
+
+# -- a test host of the image ----------------------------------------------------------------------
+
+
+def test_a_trixie_host_runs_the_images_sshd_and_smtpd(trixie: Image) -> None:
+    with Lab(TestPki().ca_pem) as lab:
+        host = lab.create_host(release="trixie")
+        assert host.target is not None
+        run = host.target.run
+        assert run("/usr/sbin/smtpd -h 2>&1 | head -1").stdout.strip() == f"version: {trixie.smtpd_version}"
+        assert "VERSION_CODENAME=trixie" in run("cat /etc/os-release").stdout
+        sshd = run("readlink /proc/$PPID/exe; /usr/sbin/sshd -V 2>&1 | head -1").output
+        # trixie's OpenSSH 10 (bookworm has 9.2 and no sshd-session): the image's sshd serves us
+        revision = trixie.packages["openssh-server"].split("-", 1)[1]
+        assert "/usr/lib/openssh/sshd-session" in sshd
+        assert re.search(rf"OpenSSH_10\.\S+ Debian-{re.escape(revision)}", sshd), sshd
+        assert "trixie" in host.target.name
+        # the image is the lower root: a write in the host does not reach it
+        run("echo changed > /etc/relay-harness-probe")
+        assert not (trixie.root / "etc" / "relay-harness-probe").exists()
+
+
+# -- check on several targets ----------------------------------------------------------------------
+
+
+def test_check_side_by_side_agreeing_releases(trixie: Image, tmp_path: Path) -> None:
+    junit, report = tmp_path / "j.xml", tmp_path / "r.json"
+    out = run_cli(
+        "check", str(GOOD), "--upstream", str(PROVIDER), "--table", SECRETS, "--table", ALIASES,
+        "--target", "lab:bookworm", "--target", "lab:trixie",
+        "--junit", str(junit), "--report-json", str(report),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "differences between lab:bookworm, lab:trixie:\n  none: every probe behaves the same" in out.stdout
+    assert trixie.smtpd_version in out.stdout
+    data = json.loads(report.read_text())
+    assert [t["label"] for t in data["targets"]] == ["lab:bookworm", "lab:trixie"] and data[
+        "differences"
+    ] == []
+    cases = ET.parse(junit).getroot().findall("testcase")
+    names = {c.get("name") for c in cases}
+    probes = {p["name"] for p in data["targets"][0]["probes"]}
+    assert names == {f"{p} [{t}]" for p in probes for t in ("lab:bookworm", "lab:trixie")}
+
+
+def test_check_side_by_side_names_what_the_upgrade_breaks_with_both_evidences(
+    trixie: Image, tmp_path: Path
+) -> None:
+    """A TLS listener without pki: 6.8 relays, 7.6 refuses the config."""
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(GOOD.read_text().replace("listen on socket\n", "listen on socket\nlisten on lo0 tls\n"))
+    junit = tmp_path / "j.xml"
+    out = run_cli(
+        "check", str(conf), "--upstream", str(PROVIDER), "--table", SECRETS, "--table", ALIASES,
+        "--target", "lab:bookworm", "--target", "lab:trixie", "--junit", str(junit),
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "DIFF  config: accepted by lab:bookworm, refused by lab:trixie" in out.stdout
+    assert "lab:bookworm: PASS: smtpd -n accepted the config" in out.stdout
+    assert "invalid listen option: pki required for tls/smtps" in out.stdout
+    assert "FAIL: lab:bookworm PASS, lab:trixie FAIL" in out.stdout
+    failed = [
+        c.get("name") for c in ET.parse(junit).getroot().findall("testcase") if c.find("failure") is not None
+    ]
+    assert failed == ["smtpd-accepts-config [lab:trixie]"]
+
+
+def test_check_side_by_side_quotes_both_releases_certificate_errors(trixie: Image, tmp_path: Path) -> None:
+    """An expired provider certificate fails on both, in each release's own words."""
+    out = run_cli(
+        "check", str(GOOD), "--upstream", str(DATA / "provider-cert-expired.toml"), "--table", SECRETS,
+        "--table", ALIASES, "--target", "lab:bookworm", "--target", "lab:trixie",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "DIFF  relay-external: fails on both, with different evidence" in out.stdout
+    assert "SSL certificate check failed" in out.stdout
+    assert "certificate verification failed: certificate has expired" in out.stdout
+    # the same failure, recognised on both: the same fix is offered twice
+    assert out.stdout.count("fix: the provider's certificate does not verify") >= 2
+
+
+# -- the scenario library on trixie ------------------------------------------------------------------
+
+
+def test_pytest_relay_target_lab_trixie_applies_the_release_overrides(trixie: Image) -> None:
+    """The expired-certificate pair on 7.6: the trixie override passes, and without it the
+    base (6.8) expectation fails on 7.6, so the override is what makes the case pass."""
+    library = Path(__file__).parent.parent / "scenarios" / "tls" / "certificates.toml"
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(library), "-k", "expired"]
+    ok = subprocess.run([*args, "--relay-target", "lab:trixie"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "1 passed" in ok.stdout, ok.stdout
+    from harness.scenarios import load_scenario, run_case
+
+    scenario = load_scenario(library)
+    case = scenario.case("expired")
+    with Lab(TestPki().ca_pem) as lab:
+        pki = TestPki()
+        host = lab.create_host(release="trixie")
+        assert host.target is not None
+        outcome = run_case(host.target, scenario, case, pki, release="bookworm")  # 6.8's expectations
+    assert not outcome.ok
+    assert any("SSL certificate check failed" in f for f in outcome.failures), outcome.failures
+
+
+def test_relay_target_with_a_bad_release_is_a_usage_error() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co",
+         "--relay-target", "lab:No Such"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 4 and "not a Debian release name" in out.stderr + out.stdout
