@@ -257,7 +257,7 @@ def test_probes_are_planned_from_text_never_from_a_binary_db() -> None:
     """A Berkeley DB file read as aliases text yields garbage "keys" with NUL bytes; a probe to
     one made sshd drop the whole connection (`session_exec_req: parse packet: invalid format`)."""
     from harness.accept.facts import FileStat, HostFacts, HostFile, TableFacts
-    from harness.accept.run import _bundle
+    from harness.accept.run import host_bundle as _bundle
     from harness.probes import plan_probes
     from harness.smtpdconf import parse_config
 

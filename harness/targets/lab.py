@@ -22,7 +22,6 @@ import base64
 import contextlib
 import ctypes
 import fcntl
-import functools
 import ipaddress
 import itertools
 import json
@@ -278,15 +277,14 @@ class LabHost:
         assert self.slot is not None
         return self.slot.outside
 
-    def describe_root(self) -> str:
-        """Whose sshd and smtpd the host runs, with `smtpd -h`'s version (for reports)."""
-        if self.release is not None:
-            image = self.lab._image(self.release)
-            return (
-                f"Debian {self.release} image ({image.smtpd_version}, opensmtpd {image.opensmtpd}, "
-                f"built {image.built_at})"
-            )
-        return f"this machine's {self.root} ({_smtpd_version(self.root)})"
+    def describe_image(self) -> str:
+        """The release and smtpd a host of an image runs, with `smtpd -h`'s version (for reports)."""
+        assert self.release is not None
+        image = self.lab._image(self.release)
+        return (
+            f"Debian {self.release} image ({image.smtpd_version}, opensmtpd {image.opensmtpd}, "
+            f"built {image.built_at})"
+        )
 
     @property
     def netns_path(self) -> str:
@@ -664,15 +662,6 @@ class LabHost:
             self.process.stdout.close()
 
 
-@functools.cache
-def _smtpd_version(root: Path) -> str:
-    """`smtpd -h`'s version line of the smtpd under `root` (this machine's, for the default root)."""
-    cmd = [str(root / "usr/sbin/smtpd"), "-h"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
-    m = re.search(r"version:\s*(.+)", proc.stdout + proc.stderr)
-    return m.group(1).strip() if m else "OpenSMTPD, version unknown"
-
-
 class LabTarget(SmtpdTarget):
     """The target of a test host: installing a bundle first makes what its listeners name, and
     the fake upstream answers at every address literal its relay URLs dial."""
@@ -688,7 +677,8 @@ class LabTarget(SmtpdTarget):
             upstream_peers=(host.address,),  # smtpd's connections come from here, and nobody else's
         )
         self.host = host
-        self._root_notes = (f"{name}: {host.describe_root()}",)
+        # which release and smtpd a report's verdict is about, for a host of an image
+        self._root_notes = (f"{name}: {host.describe_image()}",) if host.release is not None else ()
         self.notes = self._root_notes
         self._upstream: UpstreamServer | None = None
 
