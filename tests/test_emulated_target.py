@@ -77,7 +77,12 @@ def test_the_scenario_library_passes_on_the_emulated_target(
 ) -> None:
     """As the plugin runs it: the case's own expectations met, and a twin failing its positive's."""
     with EmulatedTarget() as target:
-        outcome = run_case(target, scenario, case, pki)
+        try:
+            outcome = run_case(target, scenario, case, pki)
+        except Declined as exc:
+            if "upgrade" not in case.markers:  # only the 6.8 -> 7.6 cases go beyond the model
+                raise
+            pytest.skip(f"the emulated target declines this release-difference case: {exc}")
     assert outcome.ok, outcome.explain()
     if case.twin_of is not None:
         verdict = judge_twin(scenario.case(case.twin_of), outcome.observation)
