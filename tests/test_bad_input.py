@@ -853,7 +853,7 @@ def test_malformed_scenarios_are_pytest_collection_errors(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("spec", "says"),
     [
-        ("docker", "expected lab, emulated or ssh://"),
+        ("docker", "expected lab, lab:RELEASE (e.g. lab:trixie), emulated or ssh://"),
         ("ssh://x", "ssh://USER@HOST"),
         ("ssh://root@a..b", "DNS name"),
     ],
