@@ -22,6 +22,7 @@ import base64
 import contextlib
 import ctypes
 import fcntl
+import functools
 import ipaddress
 import itertools
 import json
