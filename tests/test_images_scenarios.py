@@ -36,7 +36,9 @@ def load(tmp_path: Path, cases: str):  # type: ignore[no-untyped-def]
     path = tmp_path / "scenarios" / "case.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     # the loader's twin rule is tested elsewhere: these cases stand alone and say so
-    path.write_text(BASE + re.sub(r'(\[\[case\]\]\nname = "[^"]+"\n)', r'\1no_twin = "a loader test"\n', cases))
+    path.write_text(
+        BASE + re.sub(r'(\[\[case\]\]\nname = "[^"]+"\n)', r'\1no_twin = "a loader test"\n', cases)
+    )
     return load_scenario(path)
 
 
