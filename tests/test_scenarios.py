@@ -350,9 +350,17 @@ def test_every_library_file_is_indexed() -> None:
             assert f"`{case.name}`" in index, f"{path}::{case.name} missing from scenarios/README.md"
 
 
+_RELEASE_RECORD = (
+    "a record of a release difference: what 6.8 refuses, 7.6 relays; each release expects what is "
+    "the other's failure, so running it on both is the pair"
+)
 # Positives of the library exempted from the twin rule, each with its reason in the TOML. Adding
 # one here is a deliberate act: a case that cannot be shown to fail proves little.
-LIBRARY_NO_TWIN: dict[str, str] = {}
+LIBRARY_NO_TWIN: dict[str, str] = {
+    "grammar/releases.toml::socket-no-dsn": _RELEASE_RECORD,
+    "grammar/releases.toml::list-across-lines": _RELEASE_RECORD,
+    "grammar/releases.toml::mapping-for-rcpt-to": _RELEASE_RECORD,
+}
 
 
 def test_every_positive_case_of_the_library_has_a_broken_twin() -> None:
