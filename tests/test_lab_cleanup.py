@@ -440,3 +440,108 @@ def test_a_cleaner_in_another_pid_namespace_leaves_a_live_lab_alone(relay_pki: T
         assert done.returncode == 0, done.stderr
         assert done.stdout.split()[-2:] == ["dead-run-removed", "live-lab-kept"], done.stdout
         assert lab.dir.exists() and host.target.check("hostname").stdout.strip() == host.hostname
+
+
+# A run in PID and mount namespaces of its own with a /tmp of its own (a CI job in a container, or
+# ci/fresh-root.sh): seen from here, its owner's pid is another process and its lab dir is not
+# there. Every other run's cleaner on the machine once took its hosts for a dead run's and
+# SIGKILLed them (`unshare: sigprocmask unblock failed`: util-linux's words for that).
+INSIDE = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private"]
+OWN_TMP = 'mount -t tmpfs rh-test-tmp /tmp && cd "$1" && shift && exec "$@"'
+# The owner, inside. `keep`: the host outlives it, and the namespace's first process (sh) stays
+# until stdin ends, as a container's would.
+OWNER_INSIDE = """
+import sys
+from harness.pki import TestPki
+from harness.targets.lab import Lab
+
+lab = Lab(TestPki().ca_pem)
+host = lab.create_host()
+assert host.target is not None
+if sys.argv[1] == "keep":
+    host.keep()
+    print("ready", flush=True)
+    sys.exit(0)
+print("ready", flush=True)
+sys.stdin.readline()  # the cleaner outside has run
+print("alive", host.target.check("hostname").stdout.strip(), flush=True)
+lab.close()
+"""
+STAY = '"$@" && read -r _ || true'
+
+
+def _inside(*argv: str, stdin: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    repo = str(Path(__file__).parent.parent)
+    return subprocess.Popen(
+        [*INSIDE, "sh", "-c", OWN_TMP, "sh", repo, *argv],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def _hosts_of_namespace(unshare: int) -> list[int]:
+    return [h.pid for h in running_hosts() if _descends_from(h.pid, unshare)]
+
+
+def test_a_check_run_inside_a_pid_namespace_with_its_own_tmp_passes() -> None:
+    """The README's main job, run where a container or the fresh-root CI runs it."""
+    proc = _inside(str(CLI), *CHECK_ARGS)
+    out, err = proc.communicate(timeout=180)
+    text = out.decode(errors="replace") + err.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert re.search(r"^PASS: 5 passed, 0 failed", out.decode(), re.MULTILINE), text
+
+
+def test_a_cleaner_outside_leaves_a_live_lab_inside_a_pid_namespace_alone() -> None:
+    proc = _inside("sh", "-c", STAY, "sh", sys.executable, "-c", OWNER_INSIDE, "live", stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    try:
+        line = _read_line(proc, READY_TIMEOUT)
+        assert line == "ready", line + (proc.stderr.read().decode() if proc.stderr else "")
+        (pid,) = _hosts_of_namespace(proc.pid)
+        judged = {h.pid: h for h in running_hosts()}[pid]
+        assert judged.owner_alive and not judged.kept
+        clean_stale()  # what every run on the machine does first
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        line = _read_line(proc, READY_TIMEOUT)
+        assert line.startswith("alive ") and line.endswith(".relay-harness.test"), line
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert _gone(lambda: [str(p) for p in _hosts_of_namespace(proc.pid)]) == []
+
+
+def test_a_cleaner_outside_removes_a_kept_host_whose_owner_inside_a_pid_namespace_is_gone() -> None:
+    """The twin: the owner's view is reached, not ignored; its lock free, its host is a leftover."""
+    proc = _inside("sh", "-c", STAY, "sh", sys.executable, "-c", OWNER_INSIDE, "keep", stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    try:
+        line = _read_line(proc, READY_TIMEOUT)
+        assert line == "ready", line + (proc.stderr.read().decode() if proc.stderr else "")
+        (pid,) = _hosts_of_namespace(proc.pid)
+        # The owner exits after its line: the host outlives it, owned by no one.
+        assert _gone(lambda: [h.name for h in running_hosts() if h.pid == pid and h.owner_alive]) == []
+        judged = {h.pid: h for h in running_hosts()}[pid]
+        assert judged.kept
+        clean_stale()  # a kept host is spared by automatic cleaning ...
+        assert pid in _hosts_of_namespace(proc.pid)
+        removed = clean_stale(kept=True)  # ... and removed by `lab clean`
+        assert f"test host {judged.name}" in removed, removed
+        assert pid not in _hosts_of_namespace(proc.pid)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)

@@ -80,7 +80,13 @@ PREFIX = "rh"
 SLOTS = LAB_NETWORK.num_addresses // 4 - 1  # one /30 per host; slot 0 is left unused
 LOCK_FILE = "/run/relay-harness.lock"
 TMP_PREFIX = "relay-harness-"
-INIT_MARK = "relay-harness-init"
+INIT_MARK = "relay-harness-init"  # the first process's lines on stdout
+# The first process's argv word. Up to 2026-12 it was INIT_MARK, and cleaners of those versions
+# judge a host by its owner's pid and lab dir in their own view, so they SIGKILL the live hosts of
+# a run in another PID or mount namespace (a container, ci/fresh-root.sh): a host of this version
+# is not theirs to see. This version's cleaners see both words.
+HOST_MARK = "relay-harness-host"
+KEPT_MARKER = "/run/relay-harness/kept"  # in a test host's own root: lab_init.py writes it on `keep`
 INIT = Path(__file__).with_name("lab_init.py")
 CLONE_NEWNET = 0x40000000
 # The interface a relay URL's address literal is assigned to, inside the host (see serve_upstream_at).
@@ -300,7 +306,7 @@ class LabHost:
         (self.dir / "layers").mkdir()
         owner = os.getpid()
         cmd = ["unshare", "--net", "--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-child"]
-        cmd += ["--propagation", "private", sys.executable, "-I", "-S", str(INIT), INIT_MARK]
+        cmd += ["--propagation", "private", sys.executable, "-I", "-S", str(INIT), HOST_MARK]
         cmd += [self.name, str(owner), str(_start_time(owner)), str(self.lab.dir)]
         with _signals_deferred():
             self.process = subprocess.Popen(
@@ -309,6 +315,7 @@ class LabHost:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
+                pass_fds=(self.lab.owner_lock,),
             )
         self._reader = threading.Thread(target=self._follow, daemon=True, name=f"init-{self.name}")
         self._reader.start()
@@ -332,6 +339,7 @@ class LabHost:
             "newroot": str(self.dir / "root"),
             "layers": str(self.dir / "layers"),
             "skip": [str(self.lab.dir)],
+            "owner_lock": self.lab.owner_lock,
             "hostname": self.hostname,
             "files": [[path, mode, base64.b64encode(data).decode()] for path, mode, data in files],
             "sshd": ["/usr/sbin/sshd", "-D", "-e", "-f", "/run/relay-harness/sshd_config"],
@@ -627,6 +635,7 @@ class LabHost:
     def keep(self) -> None:
         """Let the host outlive this process (pytest --relay-keep) until `relay-harness lab clean`."""
         self._send("keep")
+        self._wait("kept")  # from here no cleaner takes it for a leftover
         (self.lab.dir / f"{self.name}.kept").touch()
         self.kept = True
 
@@ -811,7 +820,7 @@ class Lab:
         with contextlib.suppress(OSError, LabError):
             clean_stale()  # what killed runs left, before adding to it
         with _signals_deferred():
-            self.dir, self._owner_lock = _owned_dir()
+            self.dir, self.owner_lock = _owned_dir()
         try:
             host_private, host_public = _key_pair()
             self.host_key_pem = host_private
@@ -824,7 +833,7 @@ class Lab:
             self._host_public = host_public
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
-            os.close(self._owner_lock)
+            os.close(self.owner_lock)
             raise
 
     @staticmethod
@@ -904,7 +913,7 @@ class Lab:
             self.hosts.clear()
             shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(OSError):
-                os.close(self._owner_lock)
+                os.close(self.owner_lock)
             for lease in self._images.values():
                 lease.close()
             self._images.clear()
@@ -926,7 +935,8 @@ def _owned_dir() -> tuple[Path, int]:
 
     A pid says whether a run is alive only inside one PID namespace: a cleaner in another one (a
     CI job run in a namespace of its own, sharing /tmp) sees no such pid. The lock is the
-    kernel's, the same everywhere, and goes with the last descriptor when the owner dies, however.
+    kernel's, the same everywhere, and goes with the last descriptor when the owner dies, however
+    (each test host's first process holds one too: a kept host's dir stays while it lives).
     The dir gets its final name only once locked, so no cleaner ever sees it unlocked.
     """
     partial = Path(tempfile.mkdtemp(prefix=f".{TMP_PREFIX}partial-"))
@@ -965,7 +975,15 @@ def _owner_holds(lab_dir: Path) -> bool:
 
 @dataclass(frozen=True)
 class StaleHost:
-    """A test host's first process found on this machine, with the run that owns it."""
+    """A test host's first process found on this machine, with the run that owns it.
+
+    `owner` and `lab_dir` are in the owner's own view: a run in a container or in
+    ci/fresh-root.sh has PID and mount namespaces and a /tmp of its own, where this process sees
+    another process or nothing. Judging a live run's host by them got it SIGKILLed by every other
+    run's cleaner on the machine (`unshare: sigprocmask unblock failed`, util-linux's words for a
+    first process killed by SIGKILL). The kernel's process tree is the same in every view: the
+    host's parent is `unshare`, whose parent is the owner for as long as the owner lives.
+    """
 
     pid: int
     name: str
@@ -975,20 +993,46 @@ class StaleHost:
 
     @property
     def owner_alive(self) -> bool:
-        if (self.lab_dir / OWNER_LOCK).exists():
-            return _owner_holds(self.lab_dir)  # the kernel's word, in any PID namespace
-        start = _start_time(self.owner)
-        return start is not None and (self.owner_start is None or start == self.owner_start)
+        unshare = _parent(self.pid)
+        owner = _parent(unshare) if unshare is not None else None
+        if owner is None or _innermost_pid(owner) != self.owner:
+            return False  # unshare's parent is a reaper now (or the host is ending)
+        return self.owner_start is None or _start_time(owner) == self.owner_start
 
     @property
     def kept(self) -> bool:
-        return (self.lab_dir / f"{self.name}.kept").exists()
+        """Kept (pytest --relay-keep): the host says so in its own /run, which its /proc/PID/root
+        shows from any view; the owner's lab dir says so for hosts of older versions."""
+        marker = Path(f"/proc/{self.pid}/root{KEPT_MARKER}")
+        return marker.exists() or (self.lab_dir / f"{self.name}.kept").exists()
 
     @property
     def veth_name(self) -> str:
         """This machine's end of its link, named as LabHost names it."""
         owner, _, number = self.name.removeprefix(f"{PREFIX}-").partition("-")
         return f"{PREFIX}{owner}h{number}"
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return parent if parent > 0 else None
+
+
+def _innermost_pid(pid: int) -> int | None:
+    """The process's pid in its own PID namespace (the last of NSpid), as it knows itself."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+HOST_MARKS = (HOST_MARK.encode(), INIT_MARK.encode())
 
 
 def running_hosts() -> list[StaleHost]:
@@ -1003,7 +1047,7 @@ def running_hosts() -> list[StaleHost]:
             continue
         # The first process is `python3 -I -S lab_init.py MARK ...` (its parent, `unshare`, has
         # the same words further on: not the host).
-        if len(argv) < 9 or argv[4] != INIT_MARK.encode() or not argv[3].endswith(b"lab_init.py"):
+        if len(argv) < 9 or argv[4] not in HOST_MARKS or not argv[3].endswith(b"lab_init.py"):
             continue
         at = 4
         try:

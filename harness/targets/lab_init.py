@@ -1,6 +1,6 @@
 """The first process of a test host: builds its private root, starts sshd, ends the host with its owner.
 
-The lab runs this file with the machine's python (`python3 -I -S lab_init.py relay-harness-init
+The lab runs this file with the machine's python (`python3 -I -S lab_init.py relay-harness-host
 NAME OWNER_PID OWNER_START LAB_DIR`) as PID 1 of fresh network, mount, UTS, IPC and PID
 namespaces (`unshare ... --pid --fork --kill-child`). Standard library only, and everything it
 needs is imported before it changes its root: after `pivot_root` the machine's files are gone
@@ -18,11 +18,12 @@ The root it builds (DESIGN.md: "The test host is a sealed, faithful copy"):
 Both tmpfs vanish with the mount namespace: a test host leaves nothing on the disk.
 
 Protocol with the lab, one line each on stdout (sshd's own stderr shares it): `pid N` (this
-process as the machine sees it), `note TEXT`, `built`, `sshd N`, `error TEXT`. On stdin: one JSON
-line (the spec), then `start` (the network is up: start sshd), then `keep` (optional). stdin is
+process as the machine sees it), `note TEXT`, `built`, `sshd N`, `kept`, `error TEXT`. On stdin:
+one JSON line (the spec), then `start` (the network is up: start sshd), then `keep` (optional). stdin is
 the lifeline: at its end (the owner exited, was killed, or closed it) this process exits, and the
 kernel ends every process of the PID namespace with it; so does the network namespace and, with
-it, the veth. `keep` (pytest --relay-keep) makes it outlive its owner until `lab clean`.
+it, the veth. `keep` (pytest --relay-keep) makes it outlive its owner until `lab clean`; it
+writes /run/relay-harness/kept in the host's root, where a cleaner in any namespace sees it.
 """
 
 from __future__ import annotations
@@ -338,7 +339,11 @@ def serve(life: Lifeline, argv: list[str]) -> None:
             life.feed()
             while b"\n" in life.buffer:
                 line, _, life.buffer = life.buffer.partition(b"\n")
-                kept = kept or line == b"keep"
+                if line == b"keep" and not kept:
+                    kept = True
+                    # Seen by cleaners in any namespace through /proc/PID/root (lab.KEPT_MARKER).
+                    os.close(os.open("/run/relay-harness/kept", os.O_WRONLY | os.O_CREAT, 0o600))
+                    say("kept")
             if life.ended:
                 if not kept:
                     return
@@ -356,6 +361,10 @@ def main() -> None:
     if line is None:
         return
     spec = json.loads(line)
+    # The lab dir's owner lock (lab._owned_dir), held for as long as this host lives, by this
+    # process alone: every cleaner, in any namespace and of any version, spares the dir of a live
+    # host, a kept one included.
+    os.set_inheritable(spec["owner_lock"], False)
     builder = Builder(spec)
     builder.build()
     builder.pivot()
