@@ -19,7 +19,7 @@ from harness.pki import TestPki
 from harness.smtpdconf import (
     EXTRAS_BACKENDS,
     Config,
-    alias_tables,
+    alias_files,
     auth_tables,
     db_source,
     local_users,
@@ -86,7 +86,7 @@ def build_bundle(
     secret_names = set(secret_tables) | (set(auth_tables(config)) if config is not None else set())
     if config is not None:  # a backend's config file holds its database's credentials
         secret_names |= {t.name for t in config.tables.values() if t.backend in EXTRAS_BACKENDS}
-    alias_names = alias_tables(config) if config is not None else set()
+    alias_names = alias_files(config) if config is not None else set()
     files: list[BundleFile] = []
     users = {u for u in extra_users if u != "root"}
     for name, given in tables.items():

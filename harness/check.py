@@ -31,6 +31,7 @@ from harness.smtpdconf import (
     Config,
     ConfigSyntaxError,
     Finding,
+    alias_files,
     alias_problem,
     alias_tables,
     auth_tables,
@@ -134,7 +135,7 @@ def check_input(inp: CheckInput) -> None:
                 f"--table {name}: table {name} ({inp.config_path}:{table.line}) is {table.backend}, "
                 "not a file:, db: or opensmtpd-extras table: its content is in the config, not in a file"
             )
-    for name in sorted(alias_tables(config) & set(inp.table_content)):
+    for name in sorted(alias_files(config) & set(inp.table_content)):
         problem = alias_problem(inp.table_content[name])
         if problem is not None:
             line, why = problem
@@ -142,10 +143,13 @@ def check_input(inp: CheckInput) -> None:
 
 
 def check_bundle(
-    config: Config | None, inp: CheckInput, pki: TestPki | None = None
+    config: Config | None, inp: CheckInput, pki: TestPki | None = None, partial: bool = False
 ) -> tuple[Bundle, Profile, list[str], Redactor]:
     """The files the config names (from --table, --file, synthesized secrets, certificates issued
-    from the test CA for its `pki` and `ca` lines) and the users."""
+    from the test CA for its `pki` and `ca` lines) and the users.
+
+    `partial`: `config` is what could be read of a config smtpd will refuse; its files are still
+    installed, so smtpd names the config's own error rather than a file the user did give."""
     profile = inp.profile
     notes: list[str] = []
     redactor = Redactor((c.user, c.password) for c in profile.credentials)
@@ -156,6 +160,9 @@ def check_bundle(
     secret_labels = auth_tables(config)
     tables: dict[str, TableInput] = {}
     for name, path in inp.tables.items():
+        if partial and name not in declared_tables(config):
+            notes.append(f"--table {name}: not installed: its `table` line is one smtpd refuses")
+            continue
         if name not in config.tables and f"<{name}>" in inp.config_text:
             # Used but never declared: smtpd refuses the config for it, which is the verdict.
             notes.append(f"--table {name}: the config uses <{name}> but declares no such table")
@@ -181,7 +188,7 @@ def check_bundle(
                 f"table {table.name}: never used by the config; installed empty so smtpd can open it"
             )
             tables[table.name] = TableInput(b"")
-        else:
+        elif not partial:
             raise CheckUsageError(
                 f"the config's table {table.name!r} (line {table.line}, {table.backend}:{table.config}) "
                 f"needs content: pass --table {table.name}=FILE"
@@ -234,7 +241,11 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
     except ConfigSyntaxError as exc:
         config = None
         report.notes.append(f"relay-harness could not parse the config ({exc}); smtpd decides")
-    bundle, profile, notes, redactor = check_bundle(config, inp, pki)
+    if config is None:  # what can be read of it: its files still go where it names them
+        readable = parse_config(inp.config_text, str(inp.config_path), errors=[])
+        bundle, profile, notes, redactor = check_bundle(readable, inp, pki, partial=True)
+    else:
+        bundle, profile, notes, redactor = check_bundle(config, inp, pki)
     report.notes.extend(notes)
     probes, probe_notes = plan_probes(bundle, config, given_aliases(config, inp))
     report.notes.extend(probe_notes)

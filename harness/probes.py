@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from harness.redact import Redactor
 from harness.relay import DELIVERY, RelayRun
-from harness.smtpdconf import Config, alias_tables, db_source, expand, parse_aliases
+from harness.smtpdconf import Config, alias_files, alias_tables, db_source, expand, parse_aliases
 from harness.smtpdconf.tables import ALIAS_KEY
 from harness.targets.base import Bundle, MailRefused, OutgoingMail
 from harness.upstream import MessageRecord, Profile, SessionRecord
@@ -181,7 +181,7 @@ def plan_probes(
     unused = set(unused_aliases) - alias_tables(config)
     text_paths = {
         db_source(table.config) if table.backend == "db" else table.config: name
-        for name in (*sorted(alias_tables(config)), *sorted(unused))
+        for name in (*sorted(alias_files(config)), *sorted(unused))
         if (table := config.tables.get(name)) is not None and table.config is not None
     }
     texts = {f.path: f.content for f in bundle.files if f.path in text_paths}  # the last text wins

@@ -9,9 +9,11 @@ from harness.smtpdconf.needs import (
     EXTRAS_BACKENDS,
     Backend,
     ListenNeeds,
+    LmtpServer,
     Program,
     backends,
     listen_needs,
+    lmtp_servers,
     programs,
 )
 from harness.smtpdconf.parse import (
@@ -37,6 +39,7 @@ from harness.smtpdconf.parse import (
 )
 from harness.smtpdconf.relayurl import SCHEMES, RelayUrl, RelayUrlError, TlsMode, parse_relay_url
 from harness.smtpdconf.tables import (
+    alias_files,
     alias_problem,
     alias_tables,
     auth_tables,
@@ -62,6 +65,7 @@ __all__ = [
     "Listen",
     "ListenNeeds",
     "Literal",
+    "LmtpServer",
     "Match",
     "Operand",
     "Option",
@@ -75,6 +79,7 @@ __all__ = [
     "Table",
     "TableRef",
     "TlsMode",
+    "alias_files",
     "alias_problem",
     "alias_tables",
     "auth_tables",
@@ -87,6 +92,7 @@ __all__ = [
     "lint",
     "lint_text",
     "listen_needs",
+    "lmtp_servers",
     "local_users",
     "parse_aliases",
     "parse_config",

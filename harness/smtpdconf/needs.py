@@ -55,6 +55,16 @@ def _unique(items: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+# smtpd's PATH_LIBEXEC (Debian: /usr/libexec/opensmtpd): where a `proc`/`proc-exec` command that
+# is not an absolute path is run from (smtpd.c fork_filter_process: `exec PATH_LIBEXEC/COMMAND`),
+# and where the opensmtpd-extras table backends live.
+LIBEXEC = "/usr/libexec/opensmtpd"
+# The filters Debian packages (bookworm), each installing LIBEXEC/filter-NAME.
+FILTER_PACKAGES = {
+    f"filter-{name}": f"opensmtpd-filter-{name}" for name in ("dkimsign", "rspamd", "senderscore")
+}
+
+
 @dataclass(frozen=True)
 class Program:
     """A program the config makes smtpd run: `what` says which line (mda of an action, a filter)."""
@@ -62,13 +72,25 @@ class Program:
     what: str
     line: int
     command: str
+    # An mda's command runs through /bin/sh (PATH lookup); a `proc`/`proc-exec` one from LIBEXEC.
+    in_libexec: bool = False
 
     @property
     def executable(self) -> str | None:
-        """The program's name or path as the shell will look it up; None when smtpd fills it in
-        per message (`%{user.directory}/bin/x`) and it cannot be known beforehand."""
+        """The program's path, or for an mda its name as the shell will look it up; None when smtpd
+        fills it in per message (`%{user.directory}/bin/x`) and it cannot be known beforehand."""
         first = self.command.split()[0] if self.command.split() else ""
-        return None if not first or "%{" in first or first.startswith("~") else first
+        if not first or "%{" in first or first.startswith("~"):
+            return None
+        if self.in_libexec and not first.startswith("/"):
+            return f"{LIBEXEC}/{first}"
+        return first
+
+    @property
+    def package(self) -> str | None:
+        """The Debian package that installs it, where one is known (the filters Debian ships)."""
+        exe = self.executable or ""
+        return FILTER_PACKAGES.get(exe.rsplit("/", 1)[-1]) if exe.startswith(f"{LIBEXEC}/") else None
 
 
 def programs(config: Config) -> tuple[Program, ...]:
@@ -81,9 +103,9 @@ def programs(config: Config) -> tuple[Program, ...]:
     for raw in config.raw:
         words = raw.words
         if raw.keyword == "proc" and len(words) >= 3:
-            found.append(Program(f"proc {words[1]}", raw.line, words[2]))
+            found.append(Program(f"proc {words[1]}", raw.line, words[2], in_libexec=True))
         elif raw.keyword == "filter" and len(words) >= 4 and words[2] == "proc-exec":
-            found.append(Program(f"filter {words[1]}", raw.line, words[3]))
+            found.append(Program(f"filter {words[1]}", raw.line, words[3], in_libexec=True))
     return tuple(sorted(found, key=lambda p: p.line))
 
 
@@ -95,7 +117,7 @@ EXTRAS_BACKENDS = {
     name: "opensmtpd-extras"
     for name in ("ldap", "mysql", "passwd", "postgres", "redis", "socketmap", "sqlite")
 }
-BACKEND_DIR = "/usr/libexec/opensmtpd"
+BACKEND_DIR = LIBEXEC
 
 
 @dataclass(frozen=True)
@@ -122,3 +144,48 @@ def backends(config: Config) -> tuple[Backend, ...]:
         for t in sorted(config.tables.values(), key=lambda t: t.line)
         if t.backend not in BUILTIN_BACKENDS
     )
+
+
+@dataclass(frozen=True)
+class LmtpServer:
+    """Where an `lmtp` action delivers: a Unix socket (dovecot's /run/dovecot/lmtp) or host:port.
+    Another service of the host, which a test host does not run."""
+
+    action: str
+    line: int
+    destination: str
+
+    @property
+    def socket(self) -> str | None:
+        return self.destination if self.destination.startswith("/") else None
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port of `host:port` (`[::1]:24`), None for a socket or a malformed one."""
+        _, sep, port = self.destination.rpartition(":")
+        return int(port) if sep and port.isdigit() else None
+
+
+def lmtp_servers(config: Config) -> tuple[LmtpServer, ...]:
+    """The LMTP servers the config's `lmtp` actions deliver to, file order; a destination the
+    config's own listeners serve (an LMTP port of this smtpd: it speaks SMTP there, smtpd judges
+    that) and one with `%{...}` filled in per message are left out."""
+    own_ports = {_listen_port(listen.options) for listen in config.listens}
+    found = []
+    for action in sorted(config.actions.values(), key=lambda a: a.line):
+        dest = action.method_arg
+        if action.method != "lmtp" or not dest or "%{" in dest:
+            continue
+        server = LmtpServer(action.name, action.line, dest)
+        if server.socket is None and (server.port is None or server.port in own_ports):
+            continue
+        found.append(server)
+    return tuple(found)
+
+
+def _listen_port(options: tuple[str, ...]) -> int:
+    """A listener's port: `port N`, else smtpd's default (465 for `smtps`, 25 otherwise)."""
+    words = list(options)
+    if "port" in words[:-1] and words[words.index("port") + 1].isdigit():
+        return int(words[words.index("port") + 1])
+    return 465 if "smtps" in words else 25

@@ -47,6 +47,16 @@ def alias_tables(config: Config) -> set[str]:
     return names
 
 
+def alias_files(config: Config) -> set[str]:
+    """The alias tables whose content is an aliases file (file:, db:). An `ldap:` or `sqlite:`
+    one is given as its backend's config file (`url ldap://...`), which holds no aliases."""
+    return {
+        name
+        for name in alias_tables(config)
+        if (table := config.tables.get(name)) is not None and table.backend in ("file", "db")
+    }
+
+
 def db_source(db_path: str) -> str:
     """Where the text a `db:` table is built from lives: makemap's convention, FILE for FILE.db.
 

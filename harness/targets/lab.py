@@ -51,9 +51,11 @@ from harness.smtpdconf import (
     Backend,
     ConfigSyntaxError,
     ListenNeeds,
+    LmtpServer,
     Program,
     backends,
     listen_needs,
+    lmtp_servers,
     parse_config,
     programs,
     smarthosts,
@@ -708,6 +710,7 @@ class LabTarget(SmtpdTarget):
         if config is not None:
             self._check_backends(backends(config))
             self._check_programs(programs(config))
+            self._check_lmtp(lmtp_servers(config))
         if config is not None and self._upstream is not None:
             for address in smarthosts(config):
                 if _is_address(address):
@@ -745,10 +748,35 @@ class LabTarget(SmtpdTarget):
         missing = self.check(f"PATH=/usr/bin:/bin:/usr/sbin:/sbin; {script}; true").stdout.split()
         if missing:
             p = wanted[int(missing[0])]
+            exe = p.executable or ""
+            install = f"apt-get install {p.package}" if p.package else "apt-get install"
+            # --file takes a path; the shell looks a bare mda name up in PATH, /usr/bin first
+            given = exe if exe.startswith("/") else f"/usr/bin/{exe}"
             raise LabError(
-                f"the test host cannot provide {p.executable}, the program of {p.what} (line {p.line}: "
-                f'"{p.command}"): it is not installed here; install it (apt-get install on this machine, '
-                f"or in the image), or give it with --file {p.executable}=LOCAL"
+                f"the test host cannot provide {exe}, the program of {p.what} (line {p.line}: "
+                f'"{p.command}"): it is not installed here; install it ({install} on this machine, '
+                f"or in the image), or give it with --file {given}=LOCAL"
+            )
+
+    def _check_lmtp(self, needed: Iterable[LmtpServer]) -> None:
+        """An `lmtp` action delivers to another service of the host (dovecot, cyrus): a test
+        host runs none, so local delivery would fail with `mail.lmtp: connect: ...` and the
+        config be blamed for what the test host lacks."""
+        wanted = list(needed)
+        if not wanted:
+            return
+        script = "; ".join(
+            f"test -S {shlex.quote(s.socket)} || echo {i}" if s.socket else f"echo {i}"
+            for i, s in enumerate(wanted)
+        )
+        missing = self.check(f"{script}; true").stdout.split()
+        if missing:
+            s = wanted[int(missing[0])]
+            raise LabError(
+                f"the test host cannot provide the LMTP server at {s.destination}, where action "
+                f'"{s.action}" (line {s.line}) delivers: it is another service of the host (dovecot, '
+                "cyrus), which the test host does not run; test local delivery where that server runs "
+                "(--target ssh://USER@HOST), or check the relaying with the action as mbox or maildir"
             )
 
     def close(self) -> None:
