@@ -8,12 +8,13 @@ at the upstream, trust the test CA, let smtpd judge the config, then start a fre
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.pki import TestPki
-from harness.smtpdconf import ConfigSyntaxError, parse_config, smarthosts
+from harness.smtpdconf import ConfigSyntaxError, backends, parse_config, smarthosts
 from harness.targets.base import (
     Bundle,
     ConfigCheck,
@@ -23,6 +24,7 @@ from harness.targets.base import (
     Target,
     TargetError,
 )
+from harness.targets.testnet import CANNOT
 from harness.upstream import MessageRecord, Profile, SessionRecord, UpstreamServer
 
 # smtpd logs one line per delivery attempt, relayed (mta, quoted fields) or local (mda, bare):
@@ -117,5 +119,49 @@ def relay_run(
             raise ConfigRejected(target.name, refused.check) from None
         try:
             yield RelayRun(target, upstream, log, check)
+        except TargetError as exc:
+            if not log.closed or isinstance(exc, SmtpdExited):
+                raise
+            raise SmtpdExited(target.name, exited_why(log.lines, bundle)) from None
         finally:
             target.stop()
+
+
+class SmtpdExited(TargetError):
+    """smtpd was ready, then exited while the probes ran (a table backend or filter gave up)."""
+
+    def __init__(self, target: str, why: str) -> None:
+        super().__init__(f"{target}: {why}")
+
+
+# A table backend's own process logs as the table: `aliases[36]: fatal: failed to connect`.
+_BACKEND_FATAL = re.compile(r"^(?P<table>[^\s\[]+)\[\d+\]: fatalx?: (?P<why>.+)$")
+
+
+def exited_why(lines: list[str], bundle: Bundle) -> str:
+    """smtpd's own line for why it exited, and whose fault: a backend that cannot reach its
+    server (ldap:, mysql:, postgres:, redis:) needs a server the test host does not run."""
+    # here, not at the top: harness.targets.smtpd imports paramiko, which the emulated path never needs
+    from harness.targets.smtpd import startup_failure
+
+    cause = startup_failure(lines) or "no reason logged"
+    config = None
+    if bundle.config is not None:
+        try:
+            config = parse_config(bundle.config, bundle.config_path)
+        except ConfigSyntaxError:
+            config = None
+    m = _BACKEND_FATAL.match(cause)
+    table = next((b for b in backends(config) if m and b.table == m.group("table")), None) if config else None
+    if table is not None and table.backend in SERVER_BACKENDS:
+        return (
+            f"{CANNOT} the {table.backend} server of table {table.table} (line {table.line}): smtpd "
+            f"exited, its table-{table.backend} said `{cause}`; a test host reaches no server but the "
+            f"fake upstream: test with a file: table of the same content (--table {table.table}=FILE "
+            "and `file:` in a copy of the config), or where that server runs (--target ssh://USER@HOST)"
+        )
+    return f"smtpd exited while the probes ran: `{cause}`"
+
+
+# Backends that talk to a server of their own (the others read a file: sqlite, passwd).
+SERVER_BACKENDS = frozenset({"ldap", "mysql", "postgres", "redis", "socketmap"})

@@ -73,6 +73,18 @@ $0 != "" && !($0 in have) {
     print $0, "x", top, 100, "", "/home/" $0, "/usr/sbin/nologin" >> "/etc/passwd"
     print $0, "!", 19000, 0, 99999, 7, "", "", "" >> "/etc/shadow"
 }' /etc/passwd -"""
+# ... and their home directories, as a real host has them (useradd -m, adduser): `maildir` (whose
+# default is ~/Maildir) and many an mda deliver there, and mail.maildir makes only the Maildir.
+# Only where the target's whole root is private (a lab test host), never on a host's own /home.
+# One perl (Essential in Debian), passwd read once; the names on stdin as for ADD_USERS.
+MAKE_HOMES = r"""perl -e '
+open(my $pw, "<", "/etc/passwd") or die "/etc/passwd: $!";
+my %home; while (<$pw>) { chomp; my @f = split /:/; $home{$f[0]} = [@f[2, 3, 5]] }
+while (my $u = <STDIN>) {
+    chomp $u; my $e = $home{$u} or next; my ($uid, $gid, $dir) = @$e;
+    next if !$dir || $dir eq "/" || -e $dir;
+    mkdir($dir, 0750) or die "mkdir $dir: $!"; chown($uid, $gid, $dir) or die "chown $dir: $!";
+}'"""
 
 
 class EnclosureLimit(TargetError):
@@ -330,6 +342,8 @@ class SmtpdTarget(Target):
         for start in range(0, len(bundle.users), USER_BATCH):
             names = "".join(f"{u}\n" for u in bundle.users[start : start + USER_BATCH])
             self.check(ADD_USERS, stdin=names.encode(), timeout=120)
+            if self.enclosure is None:
+                self.check(MAKE_HOMES, stdin=names.encode(), timeout=120)
         if bundle.config is not None:
             self.write_file(bundle.config_path, bundle.config.encode(), 0o644)
         for f in bundle.files:
