@@ -4,13 +4,16 @@ tests/data/corpus/cases.toml lists each config with the verdict a correct gate g
 the config's fault, 2 what the test host lacks) and the words the report must hold, beside its
 twin one edit away with another verdict: a gate that passed everything, failed everything or
 blamed the config for the test host would fail here. One test per pair; the pair's two checks
-run side by side. Every run must also leave a JSON and a JUnit report, exit 2 included.
+run side by side. Every run must also leave a JSON and a JUnit report, exit 2 included, and
+leave this machine's copy of every path the config names as it was: the test host is sealed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -38,6 +41,7 @@ class Case:
     args: tuple[str, ...]
     exit: int
     says: tuple[str, ...]
+    lacks: tuple[str, ...] = ()  # text the report must not hold (a wrong reason)
     sqlite: str | None = None
     twin_of: str | None = None
 
@@ -63,6 +67,7 @@ def _cases() -> dict[str, Case]:
             tuple(c.get("args", base.get("args", ()))),
             c["exit"],
             tuple(c["says"]),
+            tuple(c.get("lacks", ())),
             c.get("sqlite", base.get("sqlite")),
             c.get("twin_of"),
         )
@@ -71,6 +76,33 @@ def _cases() -> dict[str, Case]:
 
 CASES = _cases()
 PAIRS = [(c.twin_of, c.name) for c in CASES.values() if c.twin_of is not None]
+
+
+# Paths in a config (`file:/srv/x`, `"/etc/ssl/x.crt"`, NixOS's `file://run/keys/x`), cut at a
+# per-message `%{...}`.
+_PATH = re.compile(r"(?:file:|db:|[\s\"])(/[\w.+-][\w./+-]*)")
+
+
+def _named_paths(config: str) -> list[Path]:
+    """Each path the config names, with its parent and grandparent: where a leaking test host
+    would have written (a table, a certificate, the directories made for it)."""
+    out: set[Path] = set()
+    for word in _PATH.findall(config.replace("file://", "file:/")):
+        path = Path(word.split("%{")[0].rstrip("/") or "/")
+        out.update(p for p in (path, *path.parents)[:3] if len(p.parts) > 2)
+    return sorted(out)
+
+
+def _state(paths: list[Path]) -> dict[Path, str | None]:
+    """A file's hash, "dir", or None for nothing there (not a directory's entries: other work on
+    this machine may add some to /usr/bin meanwhile; a leak writes the named path itself)."""
+    seen: dict[Path, str | None] = {}
+    for path in paths:
+        if path.is_file():
+            seen[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            seen[path] = "dir" if path.is_dir() else None
+    return seen
 
 
 @dataclass(frozen=True)
@@ -96,6 +128,8 @@ def _run(case: Case, out: Path) -> Run:
     command = [str(Path(sys.executable).with_name("relay-harness")), "check", str(out / "smtpd.conf")]
     command += ["--upstream", str(CORPUS / case.profile), *args]
     command += ["--report-json", str(out / "report.json"), "--junit", str(out / "junit.xml")]
+    named = _named_paths(case.config)
+    before = _state(named)
     proc = subprocess.run(
         command,
         capture_output=True,
@@ -105,6 +139,9 @@ def _run(case: Case, out: Path) -> Run:
         check=False,
     )
     output = proc.stdout + proc.stderr
+    after = _state(named)
+    changed = {str(p): (before[p], after[p]) for p in named if before[p] != after[p]}
+    assert not changed, f"{case.name}: wrote outside the test host: {changed}\n{output}"
     assert (out / "report.json").exists() and (out / "junit.xml").exists(), (
         f"{case.name}: no report\n{output}"
     )
@@ -127,6 +164,8 @@ def test_the_gate_gives_each_config_its_verdict(tmp_path: Path, positive: str, t
         assert run.rc == run.case.exit, run.explain()
         for words in run.case.says:
             assert words in run.output, f"{words!r} not in the report\n{run.explain()}"
+        for words in run.case.lacks:
+            assert words not in run.output, f"{words!r} in the report\n{run.explain()}"
         assert "Traceback" not in run.output, run.explain()
         verdict = {0: "pass", 1: ("fail", "refused"), 2: "error"}[run.case.exit]
         assert run.report["verdict"] in verdict, run.explain()

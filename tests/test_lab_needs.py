@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from harness.pki import TestPki
-from harness.smtpdconf import parse_config, programs
+from harness.smtpdconf import alias_files, lmtp_servers, parse_config, programs
 from harness.targets.base import Bundle, BundleFile
 from harness.targets.lab import UPSTREAM_LINK, LabError, LabHost
 from harness.upstream import UpstreamServer, parse_profile
@@ -43,6 +43,55 @@ def test_programs_names_every_mda_and_filter_command() -> None:
         ("proc rspamd", 2, "/usr/bin/filter-rspamd"),
         ('mda of action "local"', 5, None),  # filled in per user by smtpd: cannot be checked
     ]
+
+
+def test_a_filter_named_without_a_path_is_the_one_in_smtpds_libexec_with_its_package() -> None:
+    # smtpd.c fork_filter_process: `exec PATH_LIBEXEC/COMMAND`; an mda's goes through /bin/sh
+    config = parse_config(
+        'filter "dkim" proc-exec "filter-dkimsign -d example.org"\nlisten on socket filter "dkim"\n'
+        'action "local" mda "procmail -f -"\nmatch from local for local action "local"\n'
+    )
+    found = [(p.executable, p.package) for p in programs(config)]
+    assert found == [
+        ("/usr/libexec/opensmtpd/filter-dkimsign", "opensmtpd-filter-dkimsign"),
+        ("procmail", None),
+    ]
+
+
+def test_lmtp_servers_are_the_sockets_and_ports_no_listener_of_the_config_serves() -> None:
+    config = parse_config(
+        "listen on lo port 2424\n"
+        'action "dovecot" lmtp "/run/dovecot/lmtp" rcpt-to\n'
+        'action "cyrus" lmtp "localhost:24"\n'
+        'action "self" lmtp "127.0.0.1:2424"\n'
+        'match from local for local action "dovecot"\n'
+    )
+    assert [(s.action, s.destination) for s in lmtp_servers(config)] == [
+        ("dovecot", "/run/dovecot/lmtp"),
+        ("cyrus", "localhost:24"),
+    ]
+
+
+def test_only_file_and_db_alias_tables_hold_an_aliases_file() -> None:
+    config = parse_config(
+        "table a file:/etc/aliases\ntable l ldap:/etc/mail/ldap.conf\n"
+        'action "x" mbox alias <a>\naction "y" mbox alias <l>\n'
+        'match from local for local action "x"\nmatch from any for local action "y"\n'
+    )
+    assert alias_files(config) == {"a"}
+
+
+def test_a_missing_lmtp_server_is_the_test_hosts_lack(lab_host: LabHost) -> None:
+    target = lab_host.target
+    assert target is not None
+    config = (
+        'listen on socket\naction "local" lmtp "/run/dovecot/lmtp"\n'
+        'match from local for local action "local"\n'
+    )
+    with pytest.raises(
+        LabError, match=r"cannot provide the LMTP server at /run/dovecot/lmtp, where action \"local\""
+    ):
+        target.install(Bundle(config))
 
 
 def test_a_missing_extras_backend_is_the_test_hosts_lack_naming_the_package(lab_host: LabHost) -> None:
