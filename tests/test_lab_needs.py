@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from harness.pki import TestPki
-from harness.smtpdconf import alias_files, lmtp_servers, parse_config, programs
+from harness.smtpdconf import accounts, alias_files, lmtp_servers, parse_config, programs
 from harness.targets.base import Bundle, BundleFile
 from harness.targets.lab import UPSTREAM_LINK, LabError, LabHost
 from harness.upstream import UpstreamServer, parse_profile
@@ -69,6 +69,19 @@ def test_lmtp_servers_are_the_sockets_and_ports_no_listener_of_the_config_serves
     assert [(s.action, s.destination) for s in lmtp_servers(config)] == [
         ("dovecot", "/run/dovecot/lmtp"),
         ("cyrus", "localhost:24"),
+    ]
+
+
+def test_accounts_are_the_users_and_groups_actions_and_filters_run_as() -> None:
+    config = parse_config(
+        'filter "dkim" proc-exec "filter-dkimsign -d x" user _dkimsign group _dkimsign\n'
+        'proc "p" "/usr/bin/x" group mail\nlisten on socket filter "dkim"\n'
+        'action "v" maildir "/var/vmail/%{dest.user}" user vmail\nmatch from local for local action "v"\n'
+    )
+    assert [(a.what, a.line, a.user, a.group) for a in accounts(config)] == [
+        ("filter dkim", 1, "_dkimsign", "_dkimsign"),
+        ("proc p", 2, None, "mail"),
+        ('action "v"', 4, "vmail", None),
     ]
 
 

@@ -189,3 +189,36 @@ def _listen_port(options: tuple[str, ...]) -> int:
     if "port" in words[:-1] and words[words.index("port") + 1].isdigit():
         return int(words[words.index("port") + 1])
     return 465 if "smtps" in words else 25
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user (and group) smtpd runs something as: an action's `user vmail`, a filter's
+    `user _dkimsign group _dkimsign`. The host the config ships to has it (the filter's
+    package or the admin made it); smtpd exits at start-up, or fails each delivery, without it."""
+
+    what: str
+    line: int
+    user: str | None
+    group: str | None = None
+
+
+def accounts(config: Config) -> tuple[Account, ...]:
+    """Every `user`/`group` of an action, a `proc` or a `filter ... proc-exec`, file order."""
+    found = [
+        Account(f'action "{a.name}"', a.line, user)
+        for a in config.actions.values()
+        if (user := a.string("user")) is not None
+    ]
+    for raw in config.raw:
+        words = list(raw.words)
+        if raw.keyword == "proc" and len(words) >= 3:
+            rest, what = words[3:], f"proc {words[1]}"
+        elif raw.keyword == "filter" and len(words) >= 4 and words[2] == "proc-exec":
+            rest, what = words[4:], f"filter {words[1]}"
+        else:
+            continue
+        named = dict(zip(rest[::2], rest[1::2], strict=False))
+        if "user" in named or "group" in named:
+            found.append(Account(what, raw.line, named.get("user"), named.get("group")))
+    return tuple(sorted(found, key=lambda a: a.line))

@@ -48,11 +48,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from harness.smtpdconf import (
+    Account,
     Backend,
     ConfigSyntaxError,
     ListenNeeds,
     LmtpServer,
     Program,
+    accounts,
     backends,
     listen_needs,
     lmtp_servers,
@@ -707,15 +709,17 @@ class LabTarget(SmtpdTarget):
         if config is not None:
             self.host.provide(listen_needs(config))
         super().install(bundle)
+        made: list[str] = []
         if config is not None:
             self._check_backends(backends(config))
             self._check_programs(programs(config))
             self._check_lmtp(lmtp_servers(config))
+            made = self._provide_accounts(accounts(config))
         if config is not None and self._upstream is not None:
             for address in smarthosts(config):
                 if _is_address(address):
                     self.host.serve_upstream_at(address, self._upstream)
-        self.notes = (*self._root_notes, *self.host.notes)  # its root, what the host made for it
+        self.notes = (*self._root_notes, *self.host.notes, *made)  # its root, what was made for it
 
     def _check_backends(self, needed: Iterable[Backend]) -> None:
         """Every table backend the config names that Debian packages is installed: else smtpd -n
@@ -757,6 +761,33 @@ class LabTarget(SmtpdTarget):
                 f'"{p.command}"): it is not installed here; install it ({install} on this machine, '
                 f"or in the image), or give it with --file {given}=LOCAL"
             )
+
+    def _provide_accounts(self, needed: Iterable[Account]) -> list[str]:
+        """The users and groups the config runs things as, made in the test host (its /etc is
+        its own) where this machine lacks them, as the host the config ships to has them (a
+        filter's package makes its user; an admin makes vmail): else smtpd exits at start-up
+        (`getpwnam: Success`) or fails every delivery, and the config is blamed. Said in the notes."""
+        steps: list[str] = []
+        for a in needed:
+            where = f"{a.what}, line {a.line}"
+            if a.group is not None:
+                g, said = shlex.quote(a.group), shlex.quote(f"group {a.group} ({where})")
+                steps.append(f"getent group {g} >/dev/null || {{ groupadd --system {g} && echo {said}; }}")
+            if a.user is not None:
+                u, said = shlex.quote(a.user), shlex.quote(f"user {a.user} ({where})")
+                in_group = f"-g {shlex.quote(a.group)}" if a.group is not None else "-U"
+                steps.append(
+                    f"getent passwd {u} >/dev/null || {{ useradd --system -M -d /nonexistent "
+                    f"-s /usr/sbin/nologin {in_group} {u} && echo {said}; }}"
+                )
+        if not steps:
+            return []
+        made = self.check("; ".join(steps)).stdout.splitlines()
+        return [
+            f"{line}: not on this machine; made in the test host, as the host the config ships to has it"
+            for line in made
+            if line.strip()
+        ]
 
     def _check_lmtp(self, needed: Iterable[LmtpServer]) -> None:
         """An `lmtp` action delivers to another service of the host (dovecot, cyrus): a test
