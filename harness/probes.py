@@ -474,6 +474,14 @@ def _wait_local(run: RelayRun, probe: Probe, user: str, token: str, mark: int) -
     hint = f"check the aliases entry for {probe.recipient}; a db: table needs newaliases/makemap after edits"
     if kind == "relayed":
         hint = UNEXPANDED_HINT
+    elif kind == "failed" and delivered_to == user and m is not None:
+        # the aliases did their part (smtpd expanded it to the right user): the delivery did not
+        observed = f"expanded to {user}, but the local action's delivery failed: {m.group('stat')}"
+        hint = (
+            f"the aliases entry is right; the local action could not deliver to {user} "
+            f"(smtpd: {m.group('result')} {m.group('stat')}): check its mda command, maildir path "
+            "or the mailbox's permissions"
+        )
     return ProbeResult(probe, False, expected, observed, [line], hint)
 
 
