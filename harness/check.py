@@ -39,6 +39,7 @@ from harness.smtpdconf import (
     parse_aliases,
     parse_config,
 )
+from harness.smtpdconf.parse import WIDEST_GRAMMAR
 from harness.targets.base import Bundle, BundleFile, Target
 from harness.upstream import Profile
 from harness.userfiles import read_bytes, read_text
@@ -117,7 +118,7 @@ def check_input(inp: CheckInput) -> None:
     A config the harness cannot parse is smtpd's to judge: nothing is checked then.
     """
     try:
-        config = parse_config(inp.config_text, str(inp.config_path))
+        config = parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR)
     except ConfigSyntaxError:
         return
     usable = declared_tables(config)
@@ -236,7 +237,7 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
     report = CheckReport(str(inp.config_path), target.name, "fail")
     config: Config | None
     try:
-        config = parse_config(inp.config_text, str(inp.config_path))
+        config = parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR)
         report.findings = lint(config)
     except ConfigSyntaxError as exc:
         config = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from harness.pki import TestPki
 from harness.smtpdconf import ConfigSyntaxError, backends, parse_config, smarthosts
+from harness.smtpdconf.parse import WIDEST_GRAMMAR
 from harness.targets.base import (
     Bundle,
     ConfigCheck,
@@ -78,7 +79,7 @@ def relay_names(bundle: Bundle) -> tuple[str, ...]:
     if bundle.config is None:
         return ()
     try:
-        config = parse_config(bundle.config, bundle.config_path)
+        config = parse_config(bundle.config, bundle.config_path, WIDEST_GRAMMAR)
     except ConfigSyntaxError:
         return ()  # smtpd judges it
     return tuple(h for h in smarthosts(config) if not _is_address(h))

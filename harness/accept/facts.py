@@ -29,6 +29,7 @@ from harness.smtpdconf import (
     lint,
     parse_config,
 )
+from harness.smtpdconf.parse import grammar_for
 from harness.targets.shell import CommandResult, Shell
 from harness.upstream import Profile
 
@@ -208,7 +209,7 @@ def gather(shell: Shell, facts: HostFacts, profile: Profile | None, mail_log: st
     assert facts.config is not None
     text = facts.config.content.decode("utf-8", "replace")
     try:
-        facts.parsed = parse_config(text, facts.config_path)
+        facts.parsed = parse_config(text, facts.config_path, grammar_for(facts.version))
         facts.findings = lint(facts.parsed)
     except ConfigSyntaxError as exc:
         facts.facts.append(Fact("config-grammar", "warn", f"relay-harness cannot parse the config: {exc}"))
