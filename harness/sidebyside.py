@@ -24,6 +24,7 @@ KINDS = {
     "changes": "fails on both, with different evidence",
     "refused": "accepted by {a}, refused by {b}",
     "accepted": "refused by {a}, accepted by {b}",
+    "refused-both": "refused by both, in different words",
     "missing": "probed on {a} only",
 }
 
@@ -104,6 +105,8 @@ def compare(labels: list[str], reports: list[CheckReport]) -> SideBySide:
         a, b = _config_side(base_label, base), _config_side(label, other)
         if a.ok != b.ok:
             out.differences.append(Difference("config", "refused" if a.ok else "accepted", (a, b)))
+        elif not a.ok and _differ(a, b):  # 6.8's syntax error, 7.6's start-up failure: both matter
+            out.differences.append(Difference("config", "refused-both", (a, b)))
         theirs = {r.probe.name: r for r in other.results}
         for mine in base.results:
             match = theirs.pop(mine.probe.name, None)
@@ -176,7 +179,7 @@ def side_by_side_junit_xml(sbs: SideBySide) -> bytes:
     """One testcase per probe and target (`NAME [TARGET]`); a refusal is one testcase per target."""
     parts = [junit_report(r) for r in sbs.reports]
     combined = Report(parts[0].title, parts[0].head, classname=parts[0].classname)
-    combined.seconds = max(r.seconds for r in sbs.reports)
+    combined.seconds = sum(r.seconds for r in sbs.reports)  # one after the other
     for label, part in zip(sbs.labels, parts, strict=True):
         combined.rows.extend(dataclasses.replace(row, name=f"{row.name} [{label}]") for row in part.rows)
     return junit_xml(combined)

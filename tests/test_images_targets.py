@@ -165,6 +165,49 @@ def test_check_side_by_side_quotes_both_releases_certificate_errors(trixie: Imag
     assert out.stdout.count("fix: the provider's certificate does not verify") >= 2
 
 
+def test_check_side_by_side_a_7_6_only_setting(trixie: Image, tmp_path: Path) -> None:
+    """`protocols` on a relay: 6.8's syntax error at its line (the tables given were installed, so
+    smtpd blames the setting, not a missing table file), 7.6 relays with TLS 1.2 on the wire."""
+    conf = tmp_path / "smtpd.conf"
+    text = GOOD.read_text().replace(
+        'mail-from "@example.org"', 'mail-from "@example.org" protocols "tlsv1.2"'
+    )
+    conf.write_text(text)
+    report = tmp_path / "r.json"
+    out = run_cli(
+        "check", str(conf), "--upstream", str(PROVIDER), "--table", SECRETS, "--table", ALIASES,
+        "--target", "lab:bookworm", "--target", "lab:trixie", "--report-json", str(report),
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"REFUSED  smtpd -n: {conf}:8: syntax error" in out.stdout
+    assert "DIFF  config: refused by lab:bookworm, accepted by lab:trixie" in out.stdout
+    assert "could not parse" not in out.stdout
+    data = json.loads(report.read_text())
+    trixie_side = data["targets"][1]
+    assert trixie_side["verdict"] == "pass", out.stdout
+    relayed = next(p for p in trixie_side["probes"] if p["name"] == "relay-external")
+    assert "(TLSv1.2)" in relayed["observed"]
+
+
+def test_check_side_by_side_a_config_both_refuse_in_their_own_words(trixie: Image, tmp_path: Path) -> None:
+    """A misspelt `protocols`, with `queue compression` (whose log_info() comes first at start):
+    6.8's syntax error beside the line of the 7.6 process that gave up, named as a difference."""
+    conf = tmp_path / "smtpd.conf"
+    text = GOOD.read_text().replace(
+        'mail-from "@example.org"', 'mail-from "@example.org" protocols "tlsv1.9"'
+    )
+    conf.write_text(text.replace("listen on socket\n", "queue compression\nlisten on socket\n"))
+    out = run_cli(
+        "check", str(conf), "--upstream", str(PROVIDER), "--table", SECRETS, "--table", ALIASES,
+        "--target", "lab:bookworm", "--target", "lab:trixie",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "DIFF  config: refused by both, in different words" in out.stdout
+    assert "lab:bookworm: FAIL: smtpd -n refused the config: line 9: syntax error" in out.stdout
+    assert 'dispatcher: failed to parse protocols "tlsv1.9"' in out.stdout
+    assert "queue compression enabled" not in out.stdout
+
+
 # -- the scenario library on trixie ------------------------------------------------------------------
 
 

@@ -244,7 +244,12 @@ def bulk_results(output: str, count: int, why: str) -> list[Submission]:
 
 # smtpd's processes; fatalx() in one logs `NAME: message` (log.c vfatalc), and smtpd exits.
 _PROCESSES = r"(?:parent|smtpd|dispatcher|lka|queue|scheduler|control|ca|pony|klondike)"
-_NOT_FATAL = re.compile(r"setup|socket closed|pipe closed|exiting|done loading queue|imsg_read")
+# Lines of a process that are no failure: its start and the others' end, and what log_info() says
+# while starting (`queue: queue compression enabled`, with `queue compression` in the config).
+_NOT_FATAL = re.compile(
+    r"setup|socket closed|pipe closed|exiting|done loading queue|imsg_read"
+    r"|queue (?:compression|encryption) enabled"
+)
 # ...unless what it could not do is the test host's to provide (an address, a port, a file's access)
 _HOST_LIMIT = re.compile(r"\bbind\b|Cannot assign requested address|Address already in use|Permission denied")
 
@@ -253,12 +258,11 @@ def start_failure(lines: list[str]) -> str | None:
     """Why smtpd exited while starting, in the words of the process that gave up (or None).
 
     OpenSMTPD 7.x checks some settings only when its processes start: `dispatcher: failed to
-    parse protocols "tlsv1.9"`, `dispatcher: no ciphers for 'X'`.
+    parse protocols "tlsv1.9"`, `dispatcher: no ciphers for 'X'`. The fatal line is the last a
+    process logs before the others notice it is gone, so the last candidate is the cause.
     """
-    for line in lines:
-        if re.match(rf"^{_PROCESSES}: ", line) and not _NOT_FATAL.search(line):
-            return line
-    return None
+    found = [line for line in lines if re.match(rf"^{_PROCESSES}: ", line) and not _NOT_FATAL.search(line)]
+    return found[-1] if found else None
 
 
 def wait_ready(log: LogFollower, timeout: float) -> None:
