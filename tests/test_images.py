@@ -186,6 +186,7 @@ def test_cli_build_failure_is_exit_2_with_one_line(cache: Path, capsys: pytest.C
     err = capsys.readouterr().err
     release_file = f"http://127.0.0.1:{port}/debian/dists/trixie/Release"
     assert f"image trixie: debootstrap failed (exit 1): Failed getting release file {release_file}" in err
+    assert "(log: failed: Connection refused.)" in err, "why: the reason is only in debootstrap's log"
     assert "Traceback" not in err
 
 

@@ -463,15 +463,19 @@ def _phase(line: str) -> int:
 
 
 def _cause(tail: list[str], root: Path) -> str:
-    """debootstrap's own error line, or the end of its log."""
+    """debootstrap's own error line with the reason its log gives, or the end of its output.
+
+    debootstrap says what it failed to do (`Failed getting release file URL`); why (`wget: unable
+    to resolve host address`, `Connection refused`, a dpkg error) is only in its log.
+    """
     errors = [line for line in tail if line.startswith("E: ")]
     log = root / "debootstrap" / "debootstrap.log"
     detail = ""
     with contextlib.suppress(OSError):
-        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-        detail = " | ".join(lines[-3:])
+        lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        detail = " | ".join(dict.fromkeys(lines[-3:]))  # wget repeats itself for InRelease and Release
     if errors:
-        return errors[-1][3:] + (f" (log: {detail})" if detail and "See " in errors[-1] else "")
+        return errors[-1][3:] + (f" (log: {detail})" if detail else "")
     return " | ".join(tail[-3:]) or "no output"
 
 
