@@ -7,13 +7,16 @@ releases treat alike, and one whose TLS listener has no pki (7.6 refuses that co
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from test_accept import accept, config, make_real
+from test_accept import PASSWORD, PROVIDER, accept, config, make_real, snapshot
 
 from harness.accept.run import AcceptReport
+from harness.cli import main
 from harness.report import accept_text
 from harness.targets.images import Image, use_image
 from harness.targets.lab import Lab
@@ -81,3 +84,39 @@ def test_upgrade_to_a_bad_release_is_refused_before_the_host_is_contacted(relay_
             accept(relay_lab, host, upgrade_to="Trixie 13")
     finally:
         relay_lab.destroy_host(host)
+
+
+@pytest.mark.parametrize("mode", ["auto", "lab"])
+def test_cli_upgrade_to_trixie_leaves_the_host_byte_for_byte(
+    relay_lab: Lab, trixie: Image, mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a user runs it (today's relay in a sandbox on the host, or copied to the lab): the host's
+    files keep content, mode, owner and mtime, and the reports name what changes on trixie."""
+    host = relay_lab.create_host()
+    try:
+        target = make_real(host, conf=config().replace("listen on lo\n", "listen on lo tls\n"))
+        before = snapshot(target)
+        relay_lab.ssh_config()
+        report, junit = tmp_path / "r.json", tmp_path / "r.xml"
+        code = main(
+            [
+                "accept", f"ssh://root@{host.address}", "--identity", str(relay_lab.dir / "id_ed25519"),
+                "--known-hosts", str(relay_lab.dir / "known_hosts"), "--upstream", str(PROVIDER),
+                "--relay-mode", mode, "--upgrade-to", "trixie",
+                "--report-json", str(report), "--junit", str(junit),
+            ]
+        )  # fmt: skip
+        out = capsys.readouterr().out
+        assert snapshot(target) == before, "accept --upgrade-to changed the host"
+    finally:
+        relay_lab.destroy_host(host)
+    assert code == 1, out
+    data = json.loads(report.read_text())
+    assert ("sandbox" if mode == "auto" else "copied") in data["relay_way"], data["relay_way"]
+    status = {f["name"]: f["status"] for f in data["facts"]}
+    assert status["host-unchanged"] == "pass", out
+    assert status["relay:relay-external"] == "pass", out  # today, on the host's own smtpd
+    assert status["upgrade-difference:config"] == "fail", out
+    assert "invalid listen option: pki required for tls/smtps" in out
+    for text in (out, report.read_text(), junit.read_text()):
+        assert PASSWORD not in text
