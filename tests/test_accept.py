@@ -93,12 +93,12 @@ def make_real(
     return target
 
 
-def lab_factory(lab: Lab) -> Callable[[TestPki], AbstractContextManager[Target]]:
+def lab_factory(lab: Lab) -> Callable[[TestPki, str | None], AbstractContextManager[Target]]:
     """The relay probe's local lab host, from the session's lab (a second test host)."""
 
     @contextmanager
-    def factory(pki: TestPki) -> Iterator[Target]:
-        host = lab.create_host()
+    def factory(pki: TestPki, release: str | None) -> Iterator[Target]:
+        host = lab.create_host(release=release)
         try:
             assert host.target is not None
             yield host.target

@@ -120,3 +120,27 @@ def test_cli_upgrade_to_trixie_leaves_the_host_byte_for_byte(
     assert "invalid listen option: pki required for tls/smtps" in out
     for text in (out, report.read_text(), junit.read_text()):
         assert PASSWORD not in text
+
+
+def test_accept_on_an_upgraded_host_reads_and_relays_it_as_7_6(relay_lab: Lab, trixie: Image) -> None:
+    """After the upgrade: a trixie host whose config uses what only 7.6 accepts (`protocols` on
+    the relay) is read in full (its listeners and tables checked), not left as unparsable, and
+    its copy relays on trixie's smtpd (this machine's 6.8 refused it: a false exit 1)."""
+    host = relay_lab.create_host(release="trixie")
+    try:
+        conf = config().replace('mail-from "@example.org"', 'mail-from "@example.org" protocols "tlsv1.2"')
+        make_real(host, conf=conf)
+        report = accept(relay_lab, host)
+    finally:
+        relay_lab.destroy_host(host)
+    text = accept_text(report)
+    status = {f.name: f.status for f in report.facts}
+    assert status["config-grammar"] == "pass", text
+    assert "fits OpenSMTPD 7.6" in text
+    assert status["table:secrets"] == "pass" and status["table:aliases"] == "pass", text
+    assert [s for n, s in status.items() if n.startswith("listen:")] == ["pass", "pass"], text
+    # the copy judges with the host's own smtpd: a lab host of trixie, not this machine's 6.8
+    assert "its files were copied to a lab host of trixie" in text
+    assert "on lab:trixie/" in text
+    assert status["relay:relay-external"] == "pass", text
+    assert report.ok, text

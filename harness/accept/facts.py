@@ -107,6 +107,7 @@ class HostFacts:
     smtpd: str = ""
     version: str = ""
     os_name: str = ""
+    debian_release: str = ""  # VERSION_CODENAME of a Debian host (/etc/os-release), else ""
     config_path: str = ""
     config: HostFile | None = None
     parsed: Config | None = None
@@ -164,6 +165,12 @@ def read_host_file(shell: Shell, path: str, stat: FileStat | None, secret: bool 
 
 
 # -- gathering ----------------------------------------------------------------------------------
+def debian_release(os_release: str) -> str:
+    """The code name of a Debian host (`ID=debian`), from its /etc/os-release; "" for any other."""
+    values = dict(re.findall(r'^([A-Z_]+)="?([^"\n]*)"?$', os_release, re.MULTILINE))
+    return values.get("VERSION_CODENAME", "") if values.get("ID") == "debian" else ""
+
+
 def preflight(shell: Shell, config_path: str | None) -> HostFacts:
     """What must hold for any check to mean something; AcceptError (exit 2) otherwise."""
     facts = HostFacts(shell.name)
@@ -172,6 +179,7 @@ def preflight(shell: Shell, config_path: str | None) -> HostFacts:
         raise AcceptError(f"{shell.name}: OpenSMTPD is not installed (no smtpd in PATH or /usr/sbin)")
     facts.smtpd = found.stdout.strip().splitlines()[0]
     facts.os_name = shell.run("uname -sr").stdout.strip()
+    facts.debian_release = debian_release(shell.run("cat /etc/os-release 2>/dev/null").stdout)
     version = shell.run(f"{shlex.quote(facts.smtpd)} -h 2>&1")
     m = re.search(r"OpenSMTPD\s+(\S+)", version.output)
     if m:

@@ -12,6 +12,8 @@ provider, nothing of the host's is written, and the files read are checked uncha
 from __future__ import annotations
 
 import contextlib
+import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -36,13 +38,15 @@ from harness.targets.shell import Shell, as_root, connect
 from harness.targets.smtpd import EnclosureLimit
 from harness.upstream import Credential, Profile, UpstreamError, load_profile
 
-LabFactory = Callable[[TestPki], AbstractContextManager[Target]]
+# A fresh lab test host: of this machine's release (None), or of a Debian release's image.
+LabFactory = Callable[[TestPki, str | None], AbstractContextManager[Target]]
 WAY_COPY = "relay checked in the local lab with the host's files (copied)"
 WAY_SANDBOX = (
     "relay checked in a sandbox on the host (host's smtpd binary, config and tables as they are; "
     "its connections carried over SSH channels to the fake upstream)"
 )
 WAY_NONE = "relay not checked"
+SBIN_PATH = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 # Users and groups a lab host has; other owners of copied files become root there.
 KNOWN_OWNERS = {"root", "_smtpd", "_smtpq", "opensmtpd", "opensmtpq"}
 
@@ -145,8 +149,32 @@ def relay_probe(
         if mode == "sandbox":
             raise AcceptError(f"{shell.name}: --relay-mode sandbox: the host cannot run the sandbox: {why}")
         notes.append(f"the host cannot run the relay sandbox ({why}): its files were copied to the local lab")
-    facts_out, lab_notes, report = lab_probe(facts, profile, lab_factory)
+    release, why = copy_release(facts)
+    if why:
+        notes.append(why)
+    facts_out, lab_notes, report = lab_probe(facts, profile, lab_factory, release)
     return facts_out, WAY_COPY, notes + lab_notes, report
+
+
+def copy_release(facts: HostFacts) -> tuple[str | None, str]:
+    """The release whose smtpd the copy runs on: the host's own, so the copy judges as it would.
+
+    A Debian host of another release than this machine (a trixie host, after the upgrade) gets a
+    lab host of that release's image (built on first use); any other host this machine's smtpd,
+    said in a note where its version is not the host's.
+    """
+    from harness.targets.images import debian_releases, machine_release
+
+    own = machine_release()
+    release = facts.debian_release
+    if release and release != own and release in debian_releases():
+        return release, f"the host runs Debian {release}: its files were copied to a lab host of {release}"
+    if release == own or not facts.version or facts.version == _machine_smtpd_version():
+        return None, ""
+    return None, (
+        f"the copy runs this machine's smtpd ({own or 'its release'}), not the host's OpenSMTPD "
+        f"{facts.version}: where they differ, the relay verdict is this machine's smtpd's"
+    )
 
 
 def _relay_fact(probe: Probe, r: ProbeResult, where: str) -> Fact:
@@ -240,16 +268,24 @@ def _sandbox_gone(netns: str | None, directory: str | None, leftovers: list[str]
     )
 
 
+def _machine_smtpd_version() -> str:
+    """`smtpd -h`'s version of this machine's smtpd (what a plain lab host runs)."""
+    proc = subprocess.run(["smtpd", "-h"], capture_output=True, text=True, check=False, env=SBIN_PATH)
+    m = re.search(r"OpenSMTPD\s+(\S+)", proc.stdout + proc.stderr)
+    return m.group(1) if m else ""
+
+
 def lab_probe(
-    facts: HostFacts, profile: Profile, lab_factory: LabFactory
+    facts: HostFacts, profile: Profile, lab_factory: LabFactory, release: str | None = None
 ) -> tuple[list[Fact], list[str], CheckReport]:
-    """The host's config and tables, copied verbatim into a local lab host, relaying to the fake."""
+    """The host's config and tables, copied verbatim into a local lab host (of `release`'s image,
+    or of this machine), relaying to the fake."""
     redactor = facts_redactor(facts, profile)
     bundle = host_bundle(facts)
     _, notes = plan_probes(bundle, facts.parsed)
     pki = TestPki()
     try:
-        with lab_factory(pki) as target:
+        with lab_factory(pki, release) as target:
             files = f"{len(bundle.files)} table file(s)"
             where = f"on {target.name} with the host's {facts.config_path} and {files}, copied"
             out, report = _probe_on(target, bundle, facts, profile, pki, where)
@@ -307,8 +343,8 @@ class AcceptReport:
         return not any(f.failed for f in self.facts) and not self.differences
 
 
-def _default_lab(pki: TestPki) -> AbstractContextManager[Target]:
-    return lab_target(pki)
+def _default_lab(pki: TestPki, release: str | None) -> AbstractContextManager[Target]:
+    return lab_target(pki, release)
 
 
 def run_accept(options: AcceptOptions, lab_factory: LabFactory = _default_lab) -> AcceptReport:
@@ -341,7 +377,9 @@ def run_accept(options: AcceptOptions, lab_factory: LabFactory = _default_lab) -
         if options.upgrade_to is not None:
             from harness.accept.upgrade import upgrade_facts
 
-            upgraded, notes = upgrade_facts(facts, profile, options.upgrade_to, today, report.relay_way)
+            upgraded, notes = upgrade_facts(
+                facts, profile, options.upgrade_to, today, report.relay_way, lab_factory
+            )
             facts.facts.extend(upgraded)
             report.notes.extend(notes)
         facts.facts.append(unchanged(shell, facts.read_files()))

@@ -10,14 +10,11 @@ upgrade (or a config the new smtpd refuses) is a failure of the host's upgrade p
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-
 from harness.accept.facts import Fact, HostFacts
-from harness.accept.run import host_bundle, lab_probe, relay_profile, smarthost_route
+from harness.accept.run import LabFactory, host_bundle, lab_probe, relay_profile, smarthost_route
 from harness.check import CheckReport
 from harness.pki import TestPki
 from harness.sidebyside import Difference, compare
-from harness.targets.base import Target
 from harness.targets.select import lab_target, parse_target
 from harness.upstream import Profile
 
@@ -26,14 +23,15 @@ BREAKING = frozenset({"breaks", "refused"})
 
 
 def upgrade_facts(
-    facts: HostFacts, profile: Profile | None, release: str, today: CheckReport | None, today_way: str
+    facts: HostFacts,
+    profile: Profile | None,
+    release: str,
+    today: CheckReport | None,
+    today_way: str,
+    lab_factory: LabFactory,
 ) -> tuple[list[Fact], list[str]]:
     """Facts named `upgrade:...`: the new release's verdict on the host's files, and each difference."""
     spec = parse_target(f"lab:{release}")
-
-    def factory(pki: TestPki) -> AbstractContextManager[Target]:
-        return lab_target(pki, spec.release)
-
     route = smarthost_route(facts)
     if route is None:
         return [_config_only(facts, spec.release)], []
@@ -41,7 +39,7 @@ def upgrade_facts(
     if profile is None:
         profile, note = relay_profile(route, facts)
         notes.append(note)
-    upgraded_facts, lab_notes, upgraded = lab_probe(facts, profile, factory)
+    upgraded_facts, lab_notes, upgraded = lab_probe(facts, profile, lab_factory, spec.release)
     notes.extend(n for n in lab_notes if n not in notes)
     out = [_renamed(f) for f in upgraded_facts]
     if today is None:
