@@ -243,7 +243,7 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
         config = None
         report.notes.append(f"relay-harness could not parse the config ({exc}); smtpd decides")
     if config is None:  # what can be read of it: its files still go where it names them
-        readable = parse_config(inp.config_text, str(inp.config_path), errors=[])
+        readable = parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR, errors=[])
         bundle, profile, notes, redactor = check_bundle(readable, inp, pki, partial=True)
     else:
         bundle, profile, notes, redactor = check_bundle(config, inp, pki)

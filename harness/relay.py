@@ -149,7 +149,7 @@ def exited_why(lines: list[str], bundle: Bundle) -> str:
     config = None
     if bundle.config is not None:
         try:
-            config = parse_config(bundle.config, bundle.config_path)
+            config = parse_config(bundle.config, bundle.config_path, WIDEST_GRAMMAR)
         except ConfigSyntaxError:
             config = None
     m = _BACKEND_FATAL.match(cause)
