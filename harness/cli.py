@@ -25,7 +25,7 @@ from harness.names import dns_name_problem
 if TYPE_CHECKING:
     from harness.check import CheckReport
     from harness.userfiles import Output
-from harness.pki import TestPki
+from harness.pki import TestPki, kept_pki
 from harness.upstream import SessionRecord, UpstreamServer, load_profile
 from harness.userfiles import MAX_CONFIG_BYTES, outputs, read_text
 
@@ -177,7 +177,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         specs = [parse_target(t, args.identity, args.known_hosts) for t in targets]
         inp = CheckInput(args.config, config_text, profile, tables, read_tables(tables), given_files)
         check_input(inp)
-        pki = TestPki()
+        pki = kept_pki() if all(s.kind == "emulated" for s in specs) else TestPki()
         reports = []
         for spec in specs:  # one after the other: each target's hosts are gone before the next starts
             report, notes = run_on(spec, pki, profile.port, lambda target: run_check(target, inp, pki))

@@ -78,6 +78,37 @@ def test_the_emulated_check_loads_no_ssh_stack() -> None:
     assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stderr
 
 
+def test_the_emulated_check_keeps_its_certificates_and_loads_them_without_trustme(tmp_path: Path) -> None:
+    """The first check makes the CA and the provider's leaf (trustme); the next ones load them
+    with ssl alone, and still relay to the provider, which requires STARTTLS, verified against
+    that CA."""
+    kept = tmp_path / "pki"
+    env = {**os.environ, "RELAY_HARNESS_PKI_CACHE": str(kept)}
+    argv = check_argv(EXAMPLE / "smtpd.conf", EXAMPLE / "provider.toml", f"aliases={EXAMPLE / 'aliases'}")
+    code = (
+        "import contextlib, io, sys\n"
+        "from harness.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        f"    code = main({argv!r})\n"
+        "print(code, 'trustme' in sys.modules, 'PASS  relay-external' in out.getvalue())\n"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, env=env
+        )
+        for _ in range(2)
+    ]
+    assert [r.stdout.split() for r in runs] == [["0", "True", "True"], ["0", "False", "True"]], runs
+    assert oct(kept.stat().st_mode & 0o777) == "0o700"
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "ca.key",
+        "ca.pem",
+        "smtp.example.net.key",
+        "smtp.example.net.pem",
+    ]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in kept.iterdir())
+
+
 def test_a_broken_config_fails_with_smtpds_words_on_the_emulated_target() -> None:
     proc = run_cli(
         check_argv(
