@@ -188,9 +188,11 @@ def _copy_runtime(dest: Path) -> None:
         "    f = getattr(m, '__file__', None)\n"
         "    if f: print(os.path.realpath(f))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    with tempfile.TemporaryDirectory() as kept:  # a first run's imports: trustme makes the CA
+        env = {**os.environ, "RELAY_HARNESS_PKI_CACHE": kept}
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env
+        )
     sites = {os.path.realpath(p) for p in sys.path if p.endswith("site-packages")}
     tops = set()
     for path in proc.stdout.split():
@@ -220,26 +222,45 @@ def public_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+OPENSMTPD_NAMES = ("smtpd", "smtpctl", "smtp", "sendmail", "makemap", "newaliases", "mailq")
+OPENSMTPD_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin", "/usr/local/bin")
+OPENSMTPD_LIBEXEC = ("/usr/libexec/opensmtpd", "/usr/lib/opensmtpd", "/usr/local/libexec/opensmtpd")
+
+
+def _opensmtpd_files() -> list[str]:
+    """Every OpenSMTPD program this machine has where a process could find it by name or path."""
+    found = {
+        os.path.join(d, n)
+        for d in OPENSMTPD_DIRS
+        for n in OPENSMTPD_NAMES
+        if os.path.lexists(os.path.join(d, n))
+    }
+    return sorted(found) + [d for d in OPENSMTPD_LIBEXEC if os.path.isdir(d)]
+
+
 def test_check_runs_as_nobody_without_opensmtpd_on_path(public_dir: Path) -> None:
+    """As `nobody`, with a PATH without /usr/sbin, in a mount namespace where every OpenSMTPD
+    program (smtpd, smtpctl, sendmail, mail.local, ...) is covered: not merely off PATH but
+    unreachable by absolute path too, which the run proves before the check starts (it fails,
+    rather than passing vacuously, if smtpd can still be executed)."""
     why = None
     if os.geteuid() != 0:
         why = "switching to the user nobody needs root"
-    elif not SYSTEM_PYTHON.exists() or shutil.which("runuser") is None:
-        why = f"needs {SYSTEM_PYTHON} and runuser (util-linux)"
+    elif not SYSTEM_PYTHON.exists() or shutil.which("runuser") is None or shutil.which("unshare") is None:
+        why = f"needs {SYSTEM_PYTHON}, runuser and unshare (util-linux)"
+    else:
+        version = subprocess.run(
+            [str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if version != str(sys.version_info[:2]):
+            why = f"{SYSTEM_PYTHON} is Python {version}, this environment is {sys.version_info[:2]}"
     if why is not None:
         if os.environ.get("CI"):
             pytest.fail(f"the unprivileged run cannot be shown under CI: {why}", pytrace=False)
         pytest.skip(why)
-    version = subprocess.run(
-        [str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        pytest.skip(
-            f"{SYSTEM_PYTHON} is Python {version}, this environment's packages are for {sys.version_info[:2]}"
-        )
     work = public_dir
     site = work / "site"
     site.mkdir(parents=True)
@@ -253,12 +274,28 @@ def test_check_runs_as_nobody_without_opensmtpd_on_path(public_dir: Path) -> Non
     shutil.chown(out, "nobody", "nogroup")
     path = "/usr/bin:/bin"
     assert shutil.which("smtpd", path=path) is None and shutil.which("smtpctl", path=path) is None
+    hidden = _opensmtpd_files()
     argv = check_argv(work / "smtpd.conf", work / "provider.toml", f"aliases={work / 'aliases'}")
     main = (
-        "import os, sys; assert os.geteuid() != 0; from harness.cli import main; sys.exit(main(sys.argv[1:]))"
+        "import os, subprocess, sys\n"
+        "assert os.geteuid() != 0\n"
+        f"for p in {hidden!r} + ['/usr/sbin/smtpd']:\n"
+        "    try:\n"
+        "        subprocess.run([p, '-h'], capture_output=True, timeout=10)\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    sys.exit(f'OpenSMTPD is reachable: {p} runs')\n"
+        "from harness.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cover = " ".join(
+        f"mount -t tmpfs -o ro,mode=755 none {p} &&" if os.path.isdir(p) else f"mount --bind /dev/null {p} &&"
+        for p in hidden
     )
     proc = subprocess.run(
         [
+            "unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", f'{cover} exec "$@"', "sh",
             "runuser", "-u", "nobody", "--",
             "env", "-i", f"PATH={path}", f"HOME={out}", f"PYTHONPATH={site}",
             str(SYSTEM_PYTHON), "-S", "-c", main, *argv, "--report-json", str(out / "report.json"),
@@ -271,4 +308,6 @@ def test_check_runs_as_nobody_without_opensmtpd_on_path(public_dir: Path) -> Non
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("PASS: 5 passed, 0 failed in ")
-    assert json.loads((out / "report.json").read_text())["verdict"] == "pass"
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "pass" and report["target"].startswith("emulated:"), report
+    assert (out / ".cache" / "relay-harness" / "pki" / "ca.pem").exists()  # the user's own, in its HOME
