@@ -196,6 +196,48 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "table x file:relative\n" + CLEAN,
         ["smtpd.conf:1: invalid backend parameter for table: x"],
     ),
+    # A syntax error after tokens that already make a statement: yacc has reduced it (the
+    # action declared, the rule added, the table made) before it reads the token that cannot
+    # follow, so later lines that use it are no error; a statement cut short is not made.
+    "token-after-a-whole-action": (
+        HEAD + LOCAL + RELAY.replace("\n", " bogus\n") + MATCHES,
+        ["smtpd.conf:5: syntax error"],
+    ),
+    "token-inside-a-relay-action": (
+        HEAD + LOCAL + RELAY.replace(" auth <secrets>", " bogus auth <secrets>") + MATCHES,
+        ["smtpd.conf:5: syntax error"],
+    ),
+    "token-after-an-action-declared-again": (
+        HEAD + LOCAL.replace("\n", " bogus\n") + LOCAL + RELAY + MATCHES,
+        [
+            "smtpd.conf:4: syntax error",
+            "smtpd.conf:5: dispatcher already declared with that name: local_mail",
+        ],
+    ),
+    "alias-without-its-table": (
+        HEAD + 'action "local_mail" mbox alias\n' + RELAY + MATCHES,
+        ["smtpd.conf:4: syntax error", "smtpd.conf:6: no such dispatcher: local_mail"],
+    ),
+    "token-after-the-only-match": (
+        HEAD + LOCAL + 'match from local for local action "local_mail" bogus\n',
+        ["smtpd.conf:5: syntax error"],
+    ),
+    "token-inside-the-only-match": (
+        HEAD + LOCAL + 'match from local bogus for local action "local_mail"\n',
+        ["smtpd.conf:5: syntax error", "warn: no rules, nothing to do"],
+    ),
+    "token-after-an-undefined-action": (
+        HEAD + LOCAL + RELAY + 'match from local for any action "nosuch" bogus\n' + MATCHES,
+        ["smtpd.conf:6: no such dispatcher: nosuch"],
+    ),
+    "list-broken-after-a-comma": (
+        HEAD.replace("listen", "table domains { example.com,\n  example.net }\nlisten")
+        + LOCAL
+        + RELAY
+        + 'match from local for domain <domains> action "outbound"\n'
+        + MATCHES,
+        ["smtpd.conf:3: syntax error"],
+    ),
     # Accepted by smtpd -n, with what they mean decided later (at start, or per message):
     "match-tls": (HEAD + LOCAL + RELAY + 'match from local tls for any action "outbound"\n' + MATCHES, OK),
     "listen-on-an-address": (HEAD + "listen on 192.0.2.1\n" + LOCAL + RELAY + MATCHES, OK),

@@ -299,6 +299,24 @@ class ConfigSyntaxError(Exception):
         return f"{self.path}:{self.line}: {self.message}"
 
 
+class TrailingSyntaxError(ConfigSyntaxError):
+    """A syntax error after tokens that already form a whole statement, which takes effect.
+
+    smtpd's yacc reduces a statement as soon as its tokens complete one (a default reduction:
+    it does not look at the next token first), running its actions (the action declared, the
+    rule added), and only then finds that the token after it cannot follow. So in
+    `action "relay" relay bogus host ...` the action `relay` exists, and a later `match ...
+    action "relay"` is no error; the syntax error is reported only if those actions accepted
+    the statement (one that refuses it, such as `no such dispatcher`, is the line's only error).
+    A `table NAME {` list is made before its values are read (a mid-rule action), so a list
+    that breaks off is a table of the values before the break.
+    """
+
+    def __init__(self, path: str, line: int, message: str, statement: Statement) -> None:
+        super().__init__(path, line, message)
+        self.statement = statement
+
+
 # --------------------------------------------------------------------------
 # Lexer: a transcription of yylex()/lgetc() in OpenSMTPD 6.8 parse.y, so the
 # same bytes split into the same tokens on the same lines.
@@ -557,6 +575,11 @@ class _Cursor:
 
     def at_end(self) -> bool:
         return self.peek().kind == "newline" and self._index >= len(self._tokens) - 1
+
+    @property
+    def index(self) -> int:
+        """Where the cursor is: the token a syntax error is about."""
+        return self._index
 
     def error(self, token: Token | None = None, message: str = "syntax error") -> Exception:
         return ConfigSyntaxError(self.path, (token or self.peek()).line, message)
@@ -982,11 +1005,33 @@ class _Builder:
             if any(t.kind == "word" and t.text in PRE_64_WORDS for t in tokens):
                 statement = RawStatement("pre-6.4", first.text, first.line, _Cursor(tokens, "").rest())
             elif self.errors is not None:
-                self.errors.append(exc)  # smtpd's `grammar error '\n'`: skip the statement, go on
-                return
+                prefix = self._reduced_prefix(tokens, cur.index) if exc.message == "syntax error" else None
+                if prefix is None:
+                    self.errors.append(exc)  # smtpd's `grammar error '\n'`: skip the statement, go on
+                    return
+                statement = prefix
+                self.errors.append(TrailingSyntaxError(exc.path, exc.line, exc.message, statement))
             else:
                 raise
         self.statements.append(statement)
+
+    def _reduced_prefix(self, tokens: list[Token], index: int) -> Statement | None:
+        """The statement yacc had reduced when it met tokens[index], if any (TrailingSyntaxError)."""
+        if not 0 < index < len(tokens):
+            return None
+        head = tokens[:index]
+        newline = Token("newline", "\n", tokens[index].line)
+        candidates = [head]
+        if len(head) >= 3 and head[0].text == "table" and head[2].is_punct("{"):
+            values = head[:-1] if head[-1].is_punct(",") else head
+            candidates = [[*values, Token("punct", "}", tokens[index].line)]]
+        for candidate in candidates:
+            cur = _Cursor([*candidate, newline], self.path, self.grammar)
+            try:
+                return self._statement(cur, candidate[0])
+            except ConfigSyntaxError:
+                continue
+        return None
 
     def _macro(self, cur: _Cursor) -> None:
         name = cur.string()

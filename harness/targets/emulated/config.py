@@ -27,6 +27,7 @@ from harness.smtpdconf.parse import (
     Pki,
     RawStatement,
     TableRef,
+    TrailingSyntaxError,
     parse_config,
 )
 from harness.targets.base import ConfigCheck
@@ -150,14 +151,19 @@ class _Walk:
         items: list[tuple[int, object]] = [(s.line, s) for s in self.config.statements]
         items += [(e.line, e) for e in syntax]
         items.sort(key=lambda pair: pair[0])
+        refused_statements: set[int] = set()
         try:
             for line, item in items:
                 if isinstance(item, ConfigSyntaxError):
-                    self._error(item.message, line)
+                    if not (
+                        isinstance(item, TrailingSyntaxError) and id(item.statement) in refused_statements
+                    ):
+                        self._error(item.message, line)
                     continue
                 try:
                     self._statement(item)
                 except _Refused as refused:
+                    refused_statements.add(id(item))
                     first, last = _span(item)
                     if last > first and not refused.message.startswith("no such dispatcher"):
                         # yacc blames the line of the token it had read ahead: not modelled
