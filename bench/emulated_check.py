@@ -9,9 +9,9 @@ The runs are made as an installed copy runs: with bytecode caching on (pip compi
 modules at install; PYTHONDONTWRITEBYTECODE, if this environment sets it, is dropped for them,
 and the bytecode goes to a temporary PYTHONPYCACHEPREFIX, so the tree is left as it was) and
 with the emulated check's kept certificates (pki.kept_pki) in a temporary directory: one
-untimed run makes both. The first-run rows have neither: the harness's modules compiled from
-source (PYTHONDONTWRITEBYTECODE) and a new CA made by trustme, as a CI job pays it once when it
-keeps no cache between jobs.
+untimed run makes both. The first-run rows have neither: a copy of the harness without bytecode
+(its modules compiled from source; the standard library and the packages keep theirs, as pip
+leaves them) and a new CA made by trustme, as a CI job pays it once when it keeps no cache.
 
     python bench/emulated_check.py                 # 20 emulated runs, 5 lab runs, a table
     python bench/emulated_check.py --runs 50 --lab-runs 0
@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,11 @@ def install_env(work: Path, name: str, bytecode: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
     if bytecode:
         env["PYTHONPYCACHEPREFIX"] = str(work / name / "bytecode")
-    else:
+    else:  # a copy without __pycache__, first on the path, and none written
+        shutil.copytree(
+            ROOT / "harness", work / name / "src" / "harness", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        env["PYTHONPATH"] = str(work / name / "src")
         env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["RELAY_HARNESS_PKI_CACHE"] = str(work / name / "pki")
     return env
