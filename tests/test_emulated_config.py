@@ -238,6 +238,29 @@ CASES: dict[str, tuple[str, list[str]]] = {
         + MATCHES,
         ["smtpd.conf:3: syntax error"],
     ),
+    # A listener's pki, checked as the listener is made (before anything else is read):
+    "listen-pki-not-declared": (
+        HEAD.replace("listen on 127.0.0.1", "listen on 127.0.0.1 tls pki Mail.Example.Org")
+        + LOCAL
+        + RELAY
+        + MATCHES,
+        ["pki name not found: Mail.Example.Org", "smtpd"],
+    ),
+    "listen-pki-declared-below": (
+        HEAD.replace("listen on 127.0.0.1", "listen on 127.0.0.1 tls pki mail.example.org")
+        + "pki mail.example.org cert /nonexistent.pem\nbogus\n"
+        + LOCAL
+        + RELAY
+        + MATCHES,
+        ["pki name not found: mail.example.org", "smtpd"],
+    ),
+    "listen-pki-without-tls": (
+        HEAD.replace("listen on 127.0.0.1", "listen on 127.0.0.1 pki mail.example.org")
+        + LOCAL
+        + RELAY
+        + MATCHES,
+        ["smtpd: invalid listen option: pki requires tls/smtps"],
+    ),
     # Accepted by smtpd -n, with what they mean decided later (at start, or per message):
     "match-tls": (HEAD + LOCAL + RELAY + 'match from local tls for any action "outbound"\n' + MATCHES, OK),
     "listen-on-an-address": (HEAD + "listen on 192.0.2.1\n" + LOCAL + RELAY + MATCHES, OK),

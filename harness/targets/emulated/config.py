@@ -322,6 +322,15 @@ class _Walk:
 
     # -- listeners ----------------------------------------------------------------------------
     def _listen(self, listen: Listen) -> None:
+        if "pki" in listen.options[:-1]:
+            # checked as the listener is made, whatever else the model declines about it: a pki
+            # needs TLS; one named (case-insensitively) that is not declared above is fatal
+            # (log_warnx + fatalx(NULL), hence the bare `smtpd`); nothing after it is read
+            if not {"tls", "tls-require", "smtps"} & set(listen.options):
+                raise _Fatal("smtpd: invalid listen option: pki requires tls/smtps")
+            name = listen.options[listen.options.index("pki") + 1]
+            if name.lower() not in self.pkis:
+                raise _Fatal(f"pki name not found: {name}\nsmtpd")
         unmodelled = [o for o in listen.options if o not in LISTEN_OPTIONS and not o.isdigit()]
         if unmodelled:
             self._decline(f"listen option `{unmodelled[0]}`", listen.line)
