@@ -170,8 +170,8 @@ def collect(pattern: str) -> list[Item]:
     return [i for i in items if pattern in i.name]
 
 
-SETTLE_QUIET = 0.5  # seconds without a decisive line
-SETTLE_MAX = 3.0
+SETTLE_QUIET = 1.5  # seconds without a decisive line: longer than smtpd's 1 s before a bounce
+SETTLE_MAX = 5.0
 
 
 def settle_before_stop(target: Target) -> None:
@@ -181,7 +181,9 @@ def settle_before_stop(target: Target) -> None:
     reply to the last message, an LMTP server's further replies) lands in the log of a target
     that stops slowly (the lab: SIGTERM over SSH) and not in one that stops at once (the
     emulation). Waiting until no decisive line has come for SETTLE_QUIET seconds (at most
-    SETTLE_MAX) makes both logs complete.
+    SETTLE_MAX) makes both logs complete. The quiet time is longer than the second smtpd waits
+    before it sends a bounce (bounce.c): with 0.5 s, whether a PermFail's bounce and its local
+    delivery (`parent_forward_open` for a user without a home) were in a log depended on load.
     """
     stop = target.stop
 
