@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +75,8 @@ def junit(report: Report, path: Path) -> None:
 
 def junit_xml(report: Report) -> bytes:
     """One testcase per row; failing rows carry their explanation, others it as system-out."""
+    import xml.etree.ElementTree as ET  # only for JUnit: a check without --junit never loads it
+
     suite = ET.Element("testsuite", name=report.title)
     failures = errors = 0
     for row in report.rows:
