@@ -1,5 +1,6 @@
-"""The emulated target against the real smtpd: every scenario case and every check test's config,
-run on both, and whether they agree.
+"""The emulated target against the real smtpd: every scenario case, every check test's config
+(tests/test_check_cli.py's CHECKS) and every corpus config (tests/data/corpus, with the flags its
+test gives), run on both, and whether they agree.
 
 Agreement means the same verdict (a scenario case's expectations met or not, with the same
 failures; a check's verdict and every probe's result) and the same decisive evidence: smtpd's
@@ -8,7 +9,7 @@ commands, the config refusal with its line), normalised for what differs by natu
 test host's number and addresses, delays), and what the fake upstream recorded (TLS, AUTH,
 envelopes, replies). A case the emulation declines is counted as declined, with its reason.
 
-    python bench/differential.py                 # as root (the lab); about 2 minutes
+    python bench/differential.py                 # as root (the lab); about 10 minutes
     python bench/differential.py -k auth --show  # only cases whose name contains "auth", with diffs
 
 Exit 0 when every case agrees or is declined, 1 on any disagreement, 2 when the lab cannot run.
@@ -18,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
+import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +33,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the check tests' configs are defined there (CHECKS)
 
-from harness.check import CheckInput, CheckReport, parse_table_flags, run_check  # noqa: E402
+from harness.check import (  # noqa: E402
+    CheckInput,
+    CheckReport,
+    check_input,
+    parse_file_flags,
+    parse_table_flags,
+    read_tables,
+    run_check,
+)
+from harness.errors import HarnessError  # noqa: E402
 from harness.pki import TestPki  # noqa: E402
 from harness.scenarios import Case, CaseOutcome, Scenario, load_scenario, run_case  # noqa: E402
 from harness.targets.base import Target  # noqa: E402
@@ -138,9 +151,15 @@ def scenario_item(scenario: Scenario, case: Case) -> Item:
     return Item("scenario", f"{scenario.path.relative_to(ROOT / 'scenarios')}::{case.name}", run)
 
 
-def check_item(key: str, inp: CheckInput) -> Item:
+def check_item(key: str, inp: CheckInput, kind: str = "check") -> Item:
     def run(target: Target, pki: TestPki) -> Side:
-        report: CheckReport = run_check(target, inp, pki)
+        try:
+            check_input(inp)
+            report: CheckReport = run_check(target, inp, pki)
+        except Declined:
+            raise
+        except HarnessError as exc:  # exit 2 (what the test host lacks): the same words on both
+            return Side(normalise(f"error: {exc}"), _log_evidence(target))
         verdict = report.verdict + (
             f" at line {report.refusal_line}: {report.refusal}" if report.refusal else ""
         )
@@ -150,10 +169,10 @@ def check_item(key: str, inp: CheckInput) -> Item:
         ]
         return Side(verdict, probes + _log_evidence(target))
 
-    return Item("check", key, run)
+    return Item(kind, key, run)
 
 
-def collect(pattern: str) -> list[Item]:
+def collect(pattern: str, work: Path) -> list[Item]:
     items = []
     for path in sorted((ROOT / "scenarios").rglob("*.toml")):
         scenario = load_scenario(path)
@@ -167,7 +186,38 @@ def collect(pattern: str) -> list[Item]:
         )
         inp = CheckInput(config, config.read_text(encoding="utf-8"), load_profile(DATA / chk.profile), tables)
         items.append(check_item(key, inp))
+    items.extend(corpus_items(work))
     return [i for i in items if pattern in i.name]
+
+
+def corpus_items(work: Path) -> Iterator[Item]:
+    """tests/data/corpus: the configs people write, each with the flags its check test gives."""
+    from test_check_corpus import CASES as CORPUS_CASES
+    from test_check_corpus import CORPUS
+
+    for case in CORPUS_CASES.values():
+        out = work / case.name
+        out.mkdir(parents=True)
+        config = out / "smtpd.conf"
+        config.write_text(case.config, encoding="utf-8")
+        db = out / "db.sqlite"
+        if case.sqlite:
+            with sqlite3.connect(db) as conn:
+                conn.executescript((CORPUS / case.sqlite).read_text(encoding="utf-8"))
+        args = [a.replace("{corpus}", str(CORPUS)).replace("{db}", str(db)) for a in case.args]
+        flags: dict[str, list[str]] = {"--table": [], "--file": []}
+        for flag, value in zip(args[::2], args[1::2], strict=True):
+            flags[flag].append(value)
+        tables = parse_table_flags(flags["--table"])
+        inp = CheckInput(
+            config,
+            case.config,
+            load_profile(CORPUS / case.profile),
+            tables,
+            read_tables(tables),
+            parse_file_flags(flags["--file"]),
+        )
+        yield check_item(f"corpus::{case.name}", inp, "corpus")
 
 
 SETTLE_QUIET = 1.5  # seconds without a decisive line: longer than smtpd's 1 s before a bounce
@@ -249,7 +299,14 @@ def main() -> int:
     except LabError as exc:
         print(f"differential: the real side needs the lab: {exc}", file=sys.stderr)
         return 2
-    items = collect(args.k)
+    work = Path(tempfile.mkdtemp(prefix="relay-harness-differential-"))
+    try:
+        return run_items(collect(args.k, work), args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_items(items: list[Item], args: argparse.Namespace) -> int:
     pki = TestPki()
     started = time.monotonic()
     for item in items:
@@ -288,10 +345,11 @@ def report(items: list[Item], wall: float, show: bool) -> int:
             for x in only_emulated:
                 print(f"    only emulated: {x}")
     total = len(items)
-    scenarios = sum(1 for i in items if i.kind == "scenario")
+    kinds = {k: sum(1 for i in items if i.kind == k) for k in ("scenario", "check", "corpus")}
     print(
-        f"\n{total} cases ({scenarios} scenario cases, {total - scenarios} check configs): "
-        f"{agree} agree, {declined} declined, {total - agree - declined} disagree "
+        f"\n{total} cases ({kinds['scenario']} scenario cases, {kinds['check']} check configs, "
+        f"{kinds['corpus']} corpus configs): {agree} agree, {declined} declined, "
+        f"{total - agree - declined} disagree "
         f"({100 * (agree + declined) / max(1, total):.0f}% agreement or declared decline) in {wall:.0f}s"
     )
     return 0 if agree + declined == total else 1

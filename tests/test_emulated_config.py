@@ -238,6 +238,19 @@ CASES: dict[str, tuple[str, list[str]]] = {
         + MATCHES,
         ["smtpd.conf:3: syntax error"],
     ),
+    # A keyword is no interface name; quoted, it is one (that the host does not have):
+    "listen-on-any": (
+        HEAD.replace("listen on 127.0.0.1", "listen on any") + LOCAL + RELAY + MATCHES,
+        ["smtpd.conf:3: syntax error"],
+    ),
+    "listen-on-local": (
+        HEAD.replace("listen on 127.0.0.1", "listen on local") + LOCAL + RELAY + MATCHES,
+        ["smtpd.conf:3: syntax error"],
+    ),
+    "listen-on-quoted-any": (
+        HEAD.replace("listen on 127.0.0.1", 'listen on "any"') + LOCAL + RELAY + MATCHES,
+        ["smtpd: invalid virtual ip or interface: any"],
+    ),
     # A listener's pki, checked as the listener is made (before anything else is read):
     "listen-pki-not-declared": (
         HEAD.replace("listen on 127.0.0.1", "listen on 127.0.0.1 tls pki Mail.Example.Org")

@@ -724,12 +724,12 @@ def _parse_listen(cur: _Cursor) -> Listen:
     start = cur.expect("listen")
     cur.expect("on")
     token = cur.next()
-    if token.kind not in ("word", "quoted"):
+    socket = token.kind == "word" and token.text == "socket"
+    if not (token.is_string or socket):  # a keyword (`any`, `local`, `tls`) is no interface
         raise cur.error(token)
     options: list[str] = []
     refs: list[TableRef] = []
     unknown: list[str] = []
-    socket = token.kind == "word" and token.text == "socket"
     while not cur.at_end():
         word = cur.next()
         if socket and word.text not in _SOCKET_OPTIONS | ({"no-dsn"} if cur.since_7 else set()):

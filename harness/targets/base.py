@@ -37,6 +37,16 @@ class MailRefused(TargetError):
         super().__init__(message)
 
 
+def submission_failed(said: str, output: str) -> TargetError:
+    """What a failed submission is: MailRefused when smtpd refused it with a reply (sendmail, that
+    is smtpctl enqueue, says `sendmail: command failed: 550 Invalid recipient: <x>`), else a
+    TargetError. `said` is the whole story for the user; `output` the submitter's words."""
+    reply = re.search(r"command failed: ([245]\d\d\b.*)", output)
+    if reply is not None:
+        return MailRefused(said, reply.group(1).strip())
+    return TargetError(said)
+
+
 @dataclass(frozen=True)
 class BundleFile:
     """A file the config names (a table, a certificate), put where the config says it is."""

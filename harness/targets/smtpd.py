@@ -24,12 +24,12 @@ from harness.targets.base import (
     BundleFile,
     ConfigCheck,
     LogFollower,
-    MailRefused,
     OutgoingMail,
     StartRefused,
     Submission,
     Target,
     TargetError,
+    submission_failed,
 )
 from harness.targets.shell import CommandResult, Shell
 
@@ -418,11 +418,7 @@ class SmtpdTarget(Target):
         result = self.run(submission_command(mail, self.sendmail), stdin=mail.as_bytes())
         if result.returncode != 0:
             said = f"{self.name}: {mail.via} exited {result.returncode}: {result.output}"
-            # sendmail (smtpctl enqueue) says `sendmail: command failed: 550 Invalid recipient: <x>`
-            reply = re.search(r"command failed: ([245]\d\d\b.*)", result.output)
-            if reply is not None:
-                raise MailRefused(said, reply.group(1).strip())
-            raise TargetError(said)
+            raise submission_failed(said, result.output)
         return result.output
 
     def submit_many(self, mails: Sequence[OutgoingMail]) -> list[Submission]:

@@ -420,6 +420,9 @@ class _Walk:
                 values[name] = option.value
         if "host" not in values:
             self._decline("relaying without `host` (delivery by MX lookup)", action.line)
+        elif _address_literal(values["host"] or ""):
+            # the lab serves the provider at the literal; the model has only its 198.51.100.1
+            self._decline("relaying to an address literal", action.line)
         return Dispatcher(
             action.name,
             action.line,
@@ -551,3 +554,13 @@ def _inline(name: str, values: tuple[str, ...], mapping: tuple[tuple[str, str], 
 
 def _has_pem(content: bytes | None, kind: bytes) -> bool:
     return content is not None and b"-----BEGIN " in content and kind in content
+
+
+def _address_literal(url: str) -> bool:
+    from harness.smtpdconf.relayurl import RelayUrlError, parse_relay_url
+
+    try:
+        ipaddress.ip_address(parse_relay_url(url).connect_host)
+    except (RelayUrlError, ValueError):
+        return False
+    return True

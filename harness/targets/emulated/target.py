@@ -21,6 +21,7 @@ from harness.targets.base import (
     OutgoingMail,
     Target,
     TargetError,
+    submission_failed,
 )
 from harness.targets.emulated.config import Loaded, load
 from harness.targets.emulated.daemon import Daemon, SubmissionFailed
@@ -114,7 +115,9 @@ class EmulatedTarget(Target):
         try:
             return daemon.submit(mail)
         except SubmissionFailed as failed:
-            raise TargetError(f"{self.name}: {mail.via} exited {failed.code}: {failed.output}") from None
+            raise submission_failed(
+                f"{self.name}: {mail.via} exited {failed.code}: {failed.output}", failed.output
+            ) from None
 
     def control(self, *args: str) -> str:
         return self._running().control(args)
