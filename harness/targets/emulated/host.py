@@ -4,8 +4,8 @@ It is a lab test host as smtpd sees it (targets/lab.py builds the real one): a n
 `hostN.relay-harness.test`; `lo` (127.0.0.1, ::1), `lo0` (127.0.0.1, for OpenBSD configs) and
 `eth0` on TEST-NET-2 (the lab's unused slot 0); whatever else a config's `listen on` lines name,
 made with test addresses when the bundle is installed, as the lab makes it (or refused with the
-lab's words); Debian's system users plus the bundle's users (created without a home, as
-`useradd -M` does); the files the bundle installs. Nothing here touches this machine.
+lab's words); Debian's system users plus the bundle's users (each with its home directory, as
+the lab makes them); the files the bundle installs. Nothing here touches this machine.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class StoredFile:
 class EmulatedHost:
     hostname: str = field(default_factory=lambda: f"host{next(_numbers)}.{DOMAIN}")
     users: dict[str, str] = field(default_factory=lambda: dict(SYSTEM_USERS))
+    directories: set[str] = field(default_factory=lambda: set(EXISTING_DIRS))
     files: dict[str, StoredFile] = field(default_factory=dict)
     databases: dict[str, Table] = field(default_factory=dict)  # what makemap built, by db path
     hosts: dict[str, str] = field(default_factory=dict)  # /etc/hosts beyond localhost and self
@@ -133,10 +134,14 @@ class EmulatedHost:
         return tuple(a for addrs in self.interfaces.values() for a in addrs)
 
     def add_user(self, name: str) -> None:
-        self.users.setdefault(name, f"/home/{name}")
+        """A bundle's user, and its home as the lab makes it (smtpd.py's MAKE_HOMES: whatever
+        home passwd gives a user the bundle names, unless it is `/`)."""
+        home = self.users.setdefault(name, f"/home/{name}")
+        if home not in ("", "/"):
+            self.directories.add(home)
 
     def home_exists(self, user: str) -> bool:
-        return self.users.get(user) in EXISTING_DIRS
+        return self.users.get(user) in self.directories
 
     def resolve(self, name: str) -> tuple[str, ...]:
         """getaddrinfo() with `hosts: files`: /etc/hosts only (the lab's resolv.conf sends no query)."""
