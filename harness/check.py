@@ -58,6 +58,7 @@ class CheckReport:
     error: str | None = None
     refusal: str | None = None
     refusal_line: int | None = None
+    refusal_stage: str = "smtpd -n"  # or "smtpd start": -n accepted it, smtpd exited starting with it
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -261,6 +262,7 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
         report.verdict = "refused"
         report.refusal = redactor(refused.check.message or refused.check.output)
         report.refusal_line = refused.check.line
+        report.refusal_stage = refused.stage
         report.seconds = time.monotonic() - started
         return report
     report.verdict = "pass" if all(r.ok for r in report.results) else "fail"

@@ -41,8 +41,9 @@ DELIVERY = (
 class ConfigRejected(TargetError):
     """smtpd -n refused the config; `check` carries smtpd's message and the line it blamed."""
 
-    def __init__(self, target: str, check: ConfigCheck) -> None:
+    def __init__(self, target: str, check: ConfigCheck, stage: str = "smtpd -n") -> None:
         self.check = check
+        self.stage = stage  # "smtpd -n", or "smtpd start" for a config -n accepts and start refuses
         where = f"line {check.line}: " if check.line else ""
         super().__init__(f"{target}: smtpd refused the config: {where}{check.message}")
 
@@ -117,7 +118,7 @@ def relay_run(
         try:
             log = target.start(bundle.config_path)
         except StartRefused as refused:  # accepted by smtpd -n, refused when smtpd starts
-            raise ConfigRejected(target.name, refused.check) from None
+            raise ConfigRejected(target.name, refused.check, "smtpd start") from None
         try:
             yield RelayRun(target, upstream, log, check)
         except TargetError as exc:

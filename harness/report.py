@@ -148,7 +148,7 @@ def check_report(report: CheckReport) -> Report:
         return out
     if report.verdict == "refused":
         where = f"{report.config}:{report.refusal_line}: " if report.refusal_line else ""
-        out.before.append(f"  REFUSED  smtpd -n: {where}{report.refusal}")
+        out.before.append(f"  REFUSED  {report.refusal_stage}: {where}{report.refusal}")
         out.before.extend(_finding_lines(report, only_line=report.refusal_line))
     out.rows = [_probe_row(r) for r in report.results]
     if report.verdict != "refused":

@@ -100,7 +100,8 @@ _FATAL = (
     re.compile(r"^smtpd: (?!setup done|process \w+ socket closed).+"),
     re.compile(r"\bfatal\b", re.IGNORECASE),
     re.compile(
-        r"^(?!warn:).*\b(bind|cannot|could not|failed|No such file|Permission denied|invalid|not found)\b",
+        r"^(?!warn:).*\b(bind|cannot|could not|failed|No such file|Permission denied|invalid|not found"
+        r"|in use)\b",
         re.IGNORECASE,
     ),
 )
@@ -265,6 +266,28 @@ def start_failure(lines: list[str]) -> str | None:
     return found[-1] if found else None
 
 
+def duplicate_listener(lines: list[str]) -> str | None:
+    """`Address already in use` because the config itself listens twice on one address and port
+    (`listen on lo` and `listen on localhost`: the same 127.0.0.1 and ::1): the config's fault,
+    here and on any host. smtpd logs each listener (`smtp: listen on [::1] port 25 flags ...`)
+    before it binds them; another program's port (the test host's sshd) shows no such pair."""
+    in_use = next((line for line in lines if "Address already in use" in line), None)
+    if in_use is None:
+        return None
+    seen: set[str] = set()
+    for line in lines:
+        m = re.match(r"^debug: smtp: listen on (\S+ port \d+)", line)
+        if m is None:
+            continue
+        if m.group(1) in seen:
+            return (
+                f"{in_use.strip()}: the config listens on {m.group(1)} twice (`listen on lo` and "
+                "`listen on localhost` are the same addresses): remove one, or give one another port"
+            )
+        seen.add(m.group(1))
+    return None
+
+
 def wait_ready(log: LogFollower, timeout: float) -> None:
     """Every READY line, in whatever order smtpd's processes log them."""
     deadline = time.monotonic() + timeout
@@ -406,6 +429,9 @@ class SmtpdTarget(Target):
                 if why is not None:
                     raise EnclosureLimit(f"{self.name}: {why}") from None
             refusal = start_failure(self.log.lines) if self.log.closed else None
+            twice = duplicate_listener(self.log.lines) if self.log.closed else None
+            if twice is not None:
+                raise StartRefused(self.name, ConfigCheck(False, twice, None, twice)) from None
             if refusal is not None and not _HOST_LIMIT.search(refusal):
                 refusal = self.redact(refusal)
                 raise StartRefused(self.name, ConfigCheck(False, refusal, None, refusal)) from None
