@@ -196,6 +196,36 @@ def test_destroy_host_removes_that_host_and_keeps_the_others(relay_pki: TestPki)
         assert kept.target.check("hostname").stdout.strip() == kept.hostname
 
 
+def test_a_host_that_does_not_end_in_time_is_entirely_gone_when_destroy_returns(
+    relay_pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first process reads its lifeline only between steps (building a root under load takes
+    a while), or may be stuck: after END_TIMEOUT it is killed. Killing `unshare` returned at once,
+    with the host's processes still ending, so a run could exit with them on the machine; the kill
+    goes to the host's PID 1, and destroy returns once the kernel has ended its PID namespace."""
+    from harness.targets import lab as lab_module
+
+    monkeypatch.setattr(lab_module, "END_TIMEOUT", 1.0)
+    killed: list[str] = []
+    kill = LabHost._kill_first_process
+
+    def recorded(host: LabHost) -> None:
+        killed.append(host.name)
+        kill(host)
+
+    monkeypatch.setattr(LabHost, "_kill_first_process", recorded)
+    with Lab(relay_pki.ca_pem) as lab:
+        host = lab.create_host()
+        assert host.target is not None and host.pid is not None
+        stray = start_smtpd_and_a_stray(host.target)
+        fp = footprint(host)
+        os.kill(host.pid, signal.SIGSTOP)  # deaf to its lifeline, as one busy or stuck is
+        lab.destroy_host(host)
+        assert killed == [host.name]  # the lifeline did not end it: the kill did
+        assert {"sshd", "smtpd"} <= fp.commands and stray in fp.inner_pids
+        assert fp.running() == []  # at once: no waiting for the kernel to finish
+
+
 def test_two_labs_in_one_process_never_touch_each_others_hosts(relay_pki: TestPki) -> None:
     """Host names were numbered per Lab, so a second Lab's first host was `rh-PID-1` again: its
     `ip netns add` failed, and the failed host's cleanup killed and deleted the first Lab's host."""

@@ -265,6 +265,7 @@ class LabHost:
         self.slot: Slot | None = None
         self.process: subprocess.Popen[bytes] | None = None  # `unshare`, parent of the first process
         self.pid: int | None = None  # the host's first process (PID 1 inside), as this machine sees it
+        self._pidfd: int | None = None  # the first process, for a kill that cannot hit a reused pid
         self.sshd_pid: int | None = None  # as the host sees it
         self.sshd_log: list[str] = []
         self.notes: list[str] = []  # what the host made for a config (an interface, a test address)
@@ -325,6 +326,8 @@ class LabHost:
         self._reader.start()
         self._send(json.dumps(self._spec()))
         self.pid = int(self._wait("pid"))
+        with contextlib.suppress(OSError):  # gone already: its end is read from the pipe anyway
+            self._pidfd = os.pidfd_open(self.pid)
 
     def _spec(self) -> dict[str, Any]:
         private, public = self.lab.host_key_pem, self.lab.client_public
@@ -659,7 +662,11 @@ class LabHost:
 
     def _end(self) -> None:
         """Close the lifeline; the first process exits and the kernel ends every process of the host
-        (`unshare` returns once they are all gone). Killed if it does not."""
+        (`unshare` returns once they are all gone: the first process of a PID namespace is reaped
+        only after the rest). One that does not end in time (it reads the lifeline only between
+        steps: building its root under load takes a while; or stuck) is killed: the first process
+        itself, never `unshare` alone, which returned at once with the host's processes still
+        ending, so a run could exit 130 with them still on the machine."""
         assert self.process is not None
         with contextlib.suppress(OSError):
             if self.process.stdin is not None:
@@ -667,13 +674,35 @@ class LabHost:
         try:
             self.process.wait(timeout=END_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.process.kill()  # --kill-child: the first process goes with it
+            self._kill_first_process()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=END_TIMEOUT)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         if self._reader is not None:
             self._reader.join(timeout=END_TIMEOUT)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+    def _kill_first_process(self) -> None:
+        """SIGKILL to the host's PID 1 ends its whole PID namespace. Before it said its pid, it
+        is `unshare`'s child (`unshare` still runs: no other process can have that pid)."""
+        assert self.process is not None
+        pidfds = [] if self._pidfd is None else [self._pidfd]
+        if not pidfds:
+            pid = self.process.pid
+            with contextlib.suppress(OSError):
+                for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                    with contextlib.suppress(OSError):
+                        pidfds.append(os.pidfd_open(int(child)))
+        if not pidfds:  # no child (yet), or no children list: --kill-child takes it along
+            self.process.kill()
+        for fd in pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            if fd != self._pidfd:
+                os.close(fd)
 
 
 class LabTarget(SmtpdTarget):
