@@ -9,6 +9,8 @@ is interrupted mid-probe.
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 from test_accept import ALIASES, PROVIDER, WRONG, accept, config, fact, make_real, secrets, snapshot
 
@@ -56,18 +58,28 @@ def alive(target: SmtpdTarget) -> None:
 
 
 # Run on the test host: what of a sandbox is there. The machine runs other test hosts (parallel
-# workers) with sandboxes of their own, so look only at this host's: descendants of its sshd,
-# and any process anywhere with a mount on one of this host's sandbox dirs (an orphan).
+# workers) with sandboxes of their own, so look only at this host's: descendants of its sshd, any
+# process with a mount on one of this host's sandbox dirs, and any process in the network
+# namespace of one of its sandboxes (an orphan: once the harness's SSH connection is gone, what
+# its sessions started no longer descends from sshd; a pump is in the sandbox's network namespace
+# only). This host's /proc shows its own PID namespace and those below it: no other host's.
 LEFTOVERS = r"""
 import os, re, sys
-sshd, dirs = sys.argv[1], set(sys.argv[2:])
+sshd, known = sys.argv[1], set(sys.argv[2:])
+dirs = {k for k in known if k.startswith("/")}
+nets = known - dirs
 def read(path):
     try:
         with open(path, "rb") as fh:
             return fh.read().decode("utf-8", "replace")
     except OSError:
         return ""
-ppid, procs = {}, [p for p in os.listdir("/proc") if p.isdigit()]
+def netns(p):
+    try:
+        return os.readlink(f"/proc/{p}/ns/net")
+    except OSError:
+        return None
+ppid, procs = {}, [p for p in os.listdir("/proc") if p.isdigit() and p != str(os.getpid())]
 for p in procs:
     stat = read(f"/proc/{p}/stat")
     ppid[p] = stat.rpartition(")")[2].split()[1] if stat else "0"
@@ -80,39 +92,40 @@ def descends(p):
         p = ppid[p]
     return False
 me = os.readlink("/proc/self/ns/net")
+for p in procs:  # what this host's sandboxes are: their dirs and network namespaces
+    if descends(p):
+        dirs.update(re.findall(r" (/tmp/relay-harness-accept\.\w+) ", read(f"/proc/{p}/mountinfo")))
+        if netns(p) not in (None, me):
+            nets.add(netns(p))
 found = set()
 for p in procs:
-    if p == str(os.getpid()):
-        continue
-    mounts = read(f"/proc/{p}/mountinfo")
-    mine = descends(p)
-    for m in re.finditer(r" (/tmp/relay-harness-accept\.\w+) ", mounts):
-        if mine:
-            dirs.add(m.group(1))
-        if m.group(1) in dirs:
-            found.add(f"process {p} with a mount on {m.group(1)}")
-    try:
-        netns = os.readlink(f"/proc/{p}/ns/net")
-    except OSError:
-        continue
-    args = read(f"/proc/{p}/cmdline").replace("\0", " ")
-    if mine and (netns != me or re.search("rh-sandbox|relay-harness-forwarder|unshare", args)):
-        found.add(f"process {p} ({netns}): {args[:80]}")
+    net, args = netns(p), read(f"/proc/{p}/cmdline").replace("\0", " ")
+    for d in re.findall(r" (/tmp/relay-harness-accept\.\w+) ", read(f"/proc/{p}/mountinfo")):
+        if d in dirs:
+            found.add(f"process {p} with a mount on {d}")
+    if net is not None and net in nets:
+        found.add(f"process {p} ({net}): {args[:80]}")
+    elif descends(p) and re.search("rh-sandbox|relay-harness-forwarder|unshare", args):
+        found.add(f"process {p} ({net}): {args[:80]}")
 for d in sorted(dirs):
     if os.path.exists(d):
         found.add(f"directory {d}")
 print("\n".join(sorted(found)))
-print("dirs " + " ".join(sorted(dirs)))
+print("known " + " ".join(sorted(dirs | nets)))
 """
 
 
-def leftovers(host: LabHost, dirs: list[str]) -> list[str]:
+def leftovers(host: LabHost, dirs: list[str], nets: list[str] | None = None) -> list[str]:
     """Anything of this host's sandboxes still there: processes (so their mounts and network
-    namespace), temp dirs; `dirs` (known ones) is extended with the sandbox dirs found running."""
+    namespace), temp dirs. `dirs` (known ones) is extended with the sandbox dirs found running,
+    `nets` with their network namespaces (net:[INODE]), so a later call finds their orphans."""
     assert host.target is not None and host.sshd_pid is not None
-    args = " ".join([str(host.sshd_pid), *dirs])  # the lab's sshd, as the host sees it
+    nets = [] if nets is None else nets
+    args = " ".join([str(host.sshd_pid), *dirs, *(shlex.quote(n) for n in nets)])  # the lab's sshd
     out = host.target.check(f"python3 - {args}", stdin=LEFTOVERS.encode()).stdout.splitlines()
-    dirs[:] = sorted(set(dirs) | set(out[-1].split()[1:]))
+    known = out[-1].split()[1:]
+    dirs[:] = sorted(set(dirs) | {k for k in known if k.startswith("/")})
+    nets[:] = sorted(set(nets) | {k for k in known if not k.startswith("/")})
     return [line for line in out[:-1] if line.strip()]
 
 
@@ -288,6 +301,7 @@ def test_a_killed_harness_leaves_nothing_on_the_host(
     target = make_real(lab_host)
     files, state = snapshot(target), host_state(target)
     relay_lab.ssh_config()
+    nets: list[str] = []  # the sandbox's network namespace, once seen: its orphans are found too
     stall = (
         "import sys, threading, harness.probes as c, harness.targets.sandbox as s; "
         "c.await_probe = lambda *a, **k: threading.Event().wait(); "
@@ -308,15 +322,18 @@ def test_a_killed_harness_leaves_nothing_on_the_host(
         # when it is up or gone, so look, bounded.
         deadline = time.monotonic() + 30
         up = "smtpd -d" if when == "mid-probe" else "python3 -c"
-        while not any(up in line for line in leftovers(lab_host, dirs)):
+        while not any(up in line for line in leftovers(lab_host, dirs, nets)):
             assert proc.poll() is None and time.monotonic() < deadline, "the sandbox never came up"
             time.sleep(0.1)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     deadline = time.monotonic() + 30
-    while leftovers(lab_host, dirs) and time.monotonic() < deadline:
+    while leftovers(lab_host, dirs, nets) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert leftovers(lab_host, dirs) == []
+    # What is looked for below was seen: the sandbox's dir and network namespace (and maybe the
+    # trial namespace of probe_capability's `unshare ... true`, if a look fell in its run).
+    assert len(dirs) == 1 and nets, (dirs, nets)
+    assert leftovers(lab_host, dirs, nets) == []
     assert host_state(target) == state and snapshot(target) == files
     alive(target)
