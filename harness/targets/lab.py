@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -1164,9 +1165,13 @@ def clean_stale(kept: bool = False) -> list[str]:
         if host.kept and not kept:
             spared.add(host.lab_dir)
             continue
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(host.pid, signal.SIGKILL)  # the kernel ends the rest of its PID namespace
-        _wait_gone(host.pid)
+        # Its `unshare` holds the lab dir's lock too, until it has reaped the host: the dir is
+        # judged below only once both are gone (it was spared, its lock still held for a moment).
+        ends = _pidfds(host.pid, *_unshare_of(host.pid))
+        if ends:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(ends[0], signal.SIGKILL)  # the kernel ends its PID namespace
+        _wait_exits(ends)
         with contextlib.suppress(LabError):
             _ip("link", "del", host.veth_name)
         removed.append(f"test host {host.name}")
@@ -1202,11 +1207,39 @@ def clean_stale(kept: bool = False) -> list[str]:
     return removed
 
 
-def _wait_gone(pid: int, timeout: float = END_TIMEOUT) -> None:
-    """Until a process that is not our child has exited (no event reaches us: poll, bounded)."""
+def _unshare_of(pid: int) -> list[int]:
+    """The `unshare` that started a host's first process, while it still is its parent."""
+    parent = _parent(pid)
+    with contextlib.suppress(OSError):
+        if parent is not None and Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[0].endswith(
+            b"unshare"
+        ):
+            return [parent]
+    return []
+
+
+def _pidfds(*pids: int) -> list[int]:
+    """Descriptors of those processes (that exist): a signal or a wait through one never reaches
+    another process that reused the pid."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fds.append(os.pidfd_open(pid))
+    return fds
+
+
+def _wait_exits(pidfds: list[int], timeout: float = END_TIMEOUT) -> None:
+    """Until those processes (not our children) have exited: a pidfd is readable then. Bounded;
+    the descriptors are closed."""
     deadline = time.monotonic() + timeout
-    while _start_time(pid) is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    waiting = list(pidfds)
+    try:
+        while waiting and (remaining := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(waiting, [], [], remaining)
+            waiting = [fd for fd in waiting if fd not in ready]
+    finally:
+        for fd in pidfds:
+            os.close(fd)
 
 
 def kill_netns(netns: str) -> None:
