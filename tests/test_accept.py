@@ -82,8 +82,14 @@ def make_real(
     target.write_file("/var/log/mail.log", log.encode(), 0o640)
     target.check("/usr/sbin/smtpd -f /etc/smtpd.conf")
     # The daemon returns before its control socket is up, and enables its listeners after that
-    # (once the queue is loaded): wait for both, bounded, so a test sees the host as it runs.
-    listening = "ss -Hltn | grep -q '127.0.0.1:25 '" if "listen on lo\n" in (conf or config()) else "true"
+    # (once the queue is loaded), one listen() per address of lo (127.0.0.1 and ::1): wait for
+    # all of them, bounded, so a test sees the host as it runs (a listener snapshot taken between
+    # two listen() calls saw one appear later: tests/test_target_ssh.py, under load).
+    listening = (
+        "[ $(ss -Hltn 'sport = :25' | wc -l) -ge $(ip -o addr show dev lo | wc -l) ]"
+        if "listen on lo\n" in (conf or config())
+        else "true"
+    )
     target.check(
         "for i in $(seq 100); do smtpctl show status >/dev/null 2>&1 && "
         f"{listening} && exit 0; sleep 0.05; done; exit 1"
