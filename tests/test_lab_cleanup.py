@@ -439,11 +439,12 @@ def test_two_hosts_at_once_do_not_see_each_others_config_or_spool(relay_lab: Lab
 # `clean_stale` as a run in a PID namespace of its own sees it (a CI job in a namespace, sharing
 # /tmp): no pid of this process exists there, so a pid check alone calls every lab here dead. Its
 # /tmp is a private one holding only this test's lab dir and a dead run's, and it sees no named
-# network namespace: whatever it does, it cannot touch another run's files on this machine.
+# network namespace (its /run is a private one: a fresh machine may have no /run/netns at all):
+# whatever it does, it cannot touch another run's files on this machine.
 CLEAN_ELSEWHERE = """
 set -e
-mount -t tmpfs rh-test-netns /run/netns
-mkdir /run/netns/keep
+mount -t tmpfs rh-test-run /run
+mkdir -p /run/netns/keep
 mount --bind "$2" /run/netns/keep
 mount -t tmpfs rh-test-tmp /tmp
 mkdir "/tmp/$1" /tmp/relay-harness-999999999-deadrun
