@@ -18,7 +18,7 @@
 #   each command runs there as root with CI=true; the first failing one ends the run with its code.
 # - Everything is removed at the end, also on failure or SIGTERM: the namespaces' processes are
 #   killed with them, their mounts and the network namespaces made inside go with them, the root
-#   is deleted. A root left by a killed run (its pid dead) is removed by the next run.
+#   is deleted. A root left by a killed run (its owner.lock free) is removed by the next run.
 set -euo pipefail
 
 DEBOOTSTRAP_TIMEOUT=900 # seconds; a bootstrap from a reachable mirror takes one to three minutes
@@ -277,10 +277,15 @@ for stale in "$PREFIX"*; do
     [ -d "$stale" ] || continue
     pid=${stale#"$PREFIX"}
     case "$pid" in '' | *[!0-9]*) continue ;; esac
-    if ! kill -0 "$pid" 2>/dev/null; then
-        say "removing $stale (left by pid $pid, which is gone)"
-        remove_root "$stale" || true
+    # Its run holds owner.lock for as long as any of its processes lives (a pid alone may be
+    # reused within seconds here: pid_max 32768 and a test suite's churn). No lock: the pid decides.
+    if [ -e "$stale/owner.lock" ]; then
+        flock -n "$stale/owner.lock" true || continue
+    elif kill -0 "$pid" 2>/dev/null; then
+        continue
     fi
+    say "removing $stale (left by pid $pid, which is gone)"
+    remove_root "$stale" || true
 done
 
 if ! command -v debootstrap >/dev/null; then
@@ -289,7 +294,7 @@ if ! command -v debootstrap >/dev/null; then
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends debootstrap >/dev/null
 fi
-for tool in unshare pivot_root setpriv findmnt timeout; do
+for tool in unshare pivot_root setpriv findmnt timeout flock; do
     command -v "$tool" >/dev/null || die "$tool is missing: apt-get install util-linux coreutils"
 done
 
@@ -304,6 +309,8 @@ esac
 work="$PREFIX$$"
 root="$work/root"
 mkdir -m 0700 "$work"
+exec {owner_lock}>"$work/owner.lock" # inherited by every process of the run: held until all are gone
+flock -s "$owner_lock"
 mkdir "$root"
 say "bootstrapping $SUITE (minbase) from $mirror into $root (at most ${DEBOOTSTRAP_TIMEOUT}s)"
 start=$(now)
