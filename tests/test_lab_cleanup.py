@@ -9,6 +9,7 @@ next run trips over it. These tests look at the machine itself (/run/netns, `ip 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paramiko
@@ -329,6 +330,16 @@ def test_sigkill_at_any_moment_leaves_nothing_running_and_the_next_check_removes
         assert prints[0].leftovers() == [], moment
 
 
+@pytest.fixture
+def alone_with_kept_hosts() -> Iterator[None]:
+    """`lab clean` removes every kept host whose owner is gone, machine-wide (as documented): two
+    tests that keep a host (two xdist workers, two checkouts' suites) would remove each other's."""
+    with open("/run/relay-harness-tests-kept.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.mark.usefixtures("alone_with_kept_hosts")
 def test_a_kept_host_outlives_its_run_until_lab_clean(tmp_path: Path) -> None:
     """--relay-keep: the host stays up for a person to enter after the run ended; automatic
     cleaning spares it, `relay-harness lab clean` removes it and says so."""
@@ -556,6 +567,7 @@ def test_a_cleaner_outside_leaves_a_live_lab_inside_a_pid_namespace_alone() -> N
     assert _gone(lambda: [str(p) for p in _hosts_of_namespace(proc.pid)]) == []
 
 
+@pytest.mark.usefixtures("alone_with_kept_hosts")
 def test_a_cleaner_outside_removes_a_kept_host_whose_owner_inside_a_pid_namespace_is_gone() -> None:
     """The twin: the owner's view is reached, not ignored; its lock free, its host is a leftover."""
     proc = _inside("sh", "-c", STAY, "sh", sys.executable, "-c", OWNER_INSIDE, "keep", stdin=subprocess.PIPE)

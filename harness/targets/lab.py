@@ -321,7 +321,6 @@ class LabHost:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                pass_fds=(self.lab.owner_lock,),
             )
         self._reader = threading.Thread(target=self._follow, daemon=True, name=f"init-{self.name}")
         self._reader.start()
@@ -347,7 +346,7 @@ class LabHost:
             "newroot": str(self.dir / "root"),
             "layers": str(self.dir / "layers"),
             "skip": [str(self.lab.dir)],
-            "owner_lock": self.lab.owner_lock,
+            "owner_lock": str(self.lab.dir / OWNER_LOCK),
             "hostname": self.hostname,
             "files": [[path, mode, base64.b64encode(data).decode()] for path, mode, data in files],
             "sshd": ["/usr/sbin/sshd", "-D", "-e", "-f", "/run/relay-harness/sshd_config"],
@@ -909,7 +908,7 @@ class Lab:
         with contextlib.suppress(OSError, LabError):
             clean_stale()  # what killed runs left, before adding to it
         with _signals_deferred():
-            self.dir, self.owner_lock = _owned_dir()
+            self.dir, self._owner_lock = _owned_dir()
         try:
             host_private, host_public = _key_pair()
             self.host_key_pem = host_private
@@ -922,7 +921,7 @@ class Lab:
             self._host_public = host_public
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
-            os.close(self.owner_lock)
+            os.close(self._owner_lock)
             raise
 
     @staticmethod
@@ -1002,7 +1001,7 @@ class Lab:
             self.hosts.clear()
             shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(OSError):
-                os.close(self.owner_lock)
+                os.close(self._owner_lock)
             for lease in self._images.values():
                 lease.close()
             self._images.clear()

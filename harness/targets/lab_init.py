@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import platform
@@ -362,9 +363,10 @@ def main() -> None:
         return
     spec = json.loads(line)
     # The lab dir's owner lock (lab._owned_dir), held for as long as this host lives, by this
-    # process alone: every cleaner, in any namespace and of any version, spares the dir of a live
-    # host, a kept one included.
-    os.set_inheritable(spec["owner_lock"], False)
+    # process alone (not unshare, not sshd): every cleaner, in any namespace and of any version,
+    # spares the dir of a live host, a kept one included, and finds it free once the host is gone.
+    lock = os.open(spec["owner_lock"], os.O_RDONLY | os.O_CLOEXEC)
+    fcntl.flock(lock, fcntl.LOCK_SH)
     builder = Builder(spec)
     builder.build()
     builder.pivot()
