@@ -9,7 +9,7 @@ commands, the config refusal with its line), normalised for what differs by natu
 test host's number and addresses, delays), and what the fake upstream recorded (TLS, AUTH,
 envelopes, replies). A case the emulation declines is counted as declined, with its reason.
 
-    python bench/differential.py                 # as root (the lab); about 10 minutes
+    python bench/differential.py                 # as root (the lab); about 20 minutes here
     python bench/differential.py -k auth --show  # only cases whose name contains "auth", with diffs
 
 Exit 0 when every case agrees or is declined, 1 on any disagreement, 2 when the lab cannot run.
