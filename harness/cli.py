@@ -455,8 +455,16 @@ def _add_accept(sub: Any) -> None:
     p.set_defaults(func=cmd_accept)
 
 
+# The signals that stopped this run. Noted, not only raised: an error raised while unwinding (a
+# `finally` whose SSH command the signal cut short) replaces the KeyboardInterrupt, and a
+# cancelled check once exited 2 saying "smtpd exited while the probes ran".
+_signalled: list[int] = []
+
+
 def _terminate(signum: int, frame: object) -> None:
-    """SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so test hosts and temp dirs are removed."""
+    """SIGTERM (a cancelled CI job) and Ctrl-C unwind as KeyboardInterrupt, so test hosts and temp
+    dirs are removed; the run then exits 130, whatever else went wrong on the way out."""
+    _signalled.append(signum)
     raise KeyboardInterrupt
 
 
@@ -473,20 +481,27 @@ def _clean_after_killed_runs() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate)
+    _signalled.clear()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     if args.command != "lab" and (getattr(args, "target", None) or ["lab"]) != ["emulated"]:
         _clean_after_killed_runs()  # (the emulated target builds no test host, nor loads their stack)
     try:
-        return func(args)
+        code = func(args)
     except HarnessError as exc:
-        print(f"relay-harness: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        if not _signalled:
+            print(f"relay-harness: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     except KeyboardInterrupt:
-        print("relay-harness: interrupted", file=sys.stderr)
-        return 130
+        pass
+    else:
+        if not _signalled:
+            return code
+    print("relay-harness: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

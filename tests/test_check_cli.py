@@ -665,3 +665,34 @@ def test_sigterm_mid_check_removes_the_test_host_and_exits_130() -> None:
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err and "interrupted" in err
     assert own_lab_leftovers(proc.pid) == []
+
+
+def test_a_signal_decides_the_exit_even_when_unwinding_raises_another_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM unwinds as KeyboardInterrupt; a `finally` on the way out whose SSH command the
+    signal cut short may raise an error of its own, which replaced it: a cancelled check exited 2
+    ("smtpd exited while the probes ran", 1 of 13 SIGTERMs landing mid-check). The signal decides."""
+    import signal
+
+    import harness.cli
+    from harness.targets.base import TargetError
+
+    def cancelled_mid_probe(args: object) -> int:
+        try:
+            signal.raise_signal(signal.SIGTERM)  # its handler runs here, in this (the main) thread
+            return 0
+        finally:
+            raise TargetError("lab:host1.relay-harness.test: smtpd exited while the probes ran")
+
+    monkeypatch.setattr(harness.cli, "cmd_check", cancelled_mid_probe)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    example = Path(__file__).parent.parent / "ci" / "examples"
+    argv = ["check", str(example / "smtpd.conf"), "--upstream", str(example / "provider.toml")]
+    try:
+        code = main([*argv, "--target", "emulated"])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert code == 130 and err == "relay-harness: interrupted\n", err
