@@ -1164,8 +1164,9 @@ def clean_stale(kept: bool = False) -> list[str]:
         if host.kept and not kept:
             spared.add(host.lab_dir)
             continue
-        # Its `unshare` holds the lab dir's lock too, until it has reaped the host: the dir is
-        # judged below only once both are gone (it was spared, its lock still held for a moment).
+        # Its `unshare` (in the host's network namespace too) ends only once it has reaped the
+        # host: wait for both, so what follows finds the host entirely gone (its lab dir was
+        # spared while `unshare`, then holding the dir's lock too, lived on for a moment).
         ends = _pidfds(host.pid, *_unshare_of(host.pid))
         if ends:
             with contextlib.suppress(ProcessLookupError):
