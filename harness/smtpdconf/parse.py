@@ -92,9 +92,6 @@ class Listen:
     options: tuple[str, ...] = ()
     table_refs: tuple[TableRef, ...] = ()
     unknown_options: tuple[str, ...] = ()
-    # an unquoted keyword (`any`, `local`, `tls`) as the interface: smtpd's grammar takes only a
-    # STRING there (a syntax error); kept leniently here, listen_needs skips it
-    keyword_interface: bool = False
 
     @property
     def is_socket(self) -> bool:
@@ -727,9 +724,9 @@ def _parse_listen(cur: _Cursor) -> Listen:
     start = cur.expect("listen")
     cur.expect("on")
     token = cur.next()
-    if token.kind not in ("word", "quoted"):
-        raise cur.error(token)
     socket = token.kind == "word" and token.text == "socket"
+    if not (token.is_string or socket):  # a keyword (`any`, `local`, `tls`) is no interface
+        raise cur.error(token)
     options: list[str] = []
     refs: list[TableRef] = []
     unknown: list[str] = []
@@ -749,8 +746,7 @@ def _parse_listen(cur: _Cursor) -> Listen:
             options.append(cur.next().text)
         elif word.text not in _LISTEN_FLAGS and word.text not in ("auth", "auth-optional"):
             unknown.append(word.text)
-    keyword = token.kind == "word" and not socket and not token.is_string
-    return Listen(token.text, start.line, tuple(options), tuple(refs), tuple(unknown), keyword)
+    return Listen(token.text, start.line, tuple(options), tuple(refs), tuple(unknown))
 
 
 def _starts_operand(token: Token) -> bool:

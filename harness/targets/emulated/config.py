@@ -322,8 +322,6 @@ class _Walk:
 
     # -- listeners ----------------------------------------------------------------------------
     def _listen(self, listen: Listen) -> None:
-        if listen.keyword_interface:
-            raise _Refused("syntax error", listen.line)
         if "pki" in listen.options[:-1]:
             # checked as the listener is made, whatever else the model declines about it: a pki
             # needs TLS; one named (case-insensitively) that is not declared above is fatal
