@@ -22,6 +22,7 @@ from harness.bundle import (
     tls_files,
 )
 from harness.errors import HarnessError
+from harness.listener_probes import probe_listeners
 from harness.pki import TestPki
 from harness.probes import ProbeResult, plan_probes, run_probes
 from harness.redact import Redactor
@@ -257,6 +258,9 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
             add.add(cred.user, cred.password)
     try:
         with relay_run(target, bundle, profile, pki) as run:
+            listened, listen_notes = probe_listeners(run, config, bundle, redactor)
+            report.results.extend(listened)
+            report.notes.extend(listen_notes)
             report.results.extend(run_probes(run, probes, profile, redactor))
     except ConfigRejected as refused:
         report.verdict = "refused"

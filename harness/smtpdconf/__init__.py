@@ -12,11 +12,13 @@ from harness.smtpdconf.needs import (
     ListenNeeds,
     LmtpServer,
     Program,
+    TlsListener,
     accounts,
     backends,
     listen_needs,
     lmtp_servers,
     programs,
+    tls_listeners,
 )
 from harness.smtpdconf.parse import (
     KEYWORDS,
@@ -81,6 +83,7 @@ __all__ = [
     "Statement",
     "Table",
     "TableRef",
+    "TlsListener",
     "TlsMode",
     "accounts",
     "alias_files",
@@ -106,4 +109,5 @@ __all__ = [
     "relay_urls",
     "rewrite_sender",
     "smarthosts",
+    "tls_listeners",
 ]

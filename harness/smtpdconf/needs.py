@@ -30,25 +30,28 @@ class ListenNeeds:
 def listen_needs(config: Config) -> ListenNeeds:
     """Each `listen on` word, classified the way smtpd tries it; `socket` and keywords (a syntax
     error for smtpd itself: the config's fault, nothing to provide) are left out."""
-    interfaces: list[str] = []
-    addresses: list[str] = []
-    hostnames: list[str] = []
+    found: dict[str, list[str]] = {"interface": [], "address": [], "hostname": []}
     for listen in config.listens:
         word = listen.interface
         if listen.is_socket or word in KEYWORDS or not word:
             continue
-        try:
-            address = ipaddress.ip_address(word.strip("[]"))
-        except ValueError:
-            pass
-        else:
-            addresses.append(str(address))
-            continue
-        if word == "localhost" or ("." in word and not _VLAN.fullmatch(word)):
-            hostnames.append(word)
-        else:
-            interfaces.append(word)
-    return ListenNeeds(_unique(interfaces), _unique(addresses), _unique(hostnames))
+        kind = listen_kind(word)
+        found[kind].append(str(ipaddress.ip_address(word.strip("[]"))) if kind == "address" else word)
+    return ListenNeeds(_unique(found["interface"]), _unique(found["address"]), _unique(found["hostname"]))
+
+
+def listen_kind(word: str) -> str:
+    """How smtpd takes the word after `listen on`: "address" (an IPv4/IPv6 literal, `[::1]`
+    too), "hostname" (a name it resolves: localhost, mail.example.org) or "interface"."""
+    try:
+        ipaddress.ip_address(word.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        return "address"
+    if word == "localhost" or ("." in word and not _VLAN.fullmatch(word)):
+        return "hostname"
+    return "interface"
 
 
 def _unique(items: list[str]) -> tuple[str, ...]:
@@ -222,3 +225,37 @@ def accounts(config: Config) -> tuple[Account, ...]:
         if "user" in named or "group" in named:
             found.append(Account(what, raw.line, named.get("user"), named.get("group")))
     return tuple(sorted(found, key=lambda a: a.line))
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """A `listen on` line that offers TLS: `smtps` (TLS from the first byte, port 465 unless
+    `port N`), `tls` or `tls-require` (STARTTLS after EHLO, port 25 unless `port N`); `pki`
+    names the certificate smtpd serves there (none: the one named after the host)."""
+
+    word: str  # the interface, address or name after `listen on`
+    line: int
+    mode: str  # "smtps" or "starttls"
+    port: int
+    pki: str | None
+    option: str  # as written: smtps, tls, tls-require
+
+
+def tls_listeners(config: Config) -> list[TlsListener]:
+    """The TLS listeners a handshake can test, in config order (sockets and keywords left out)."""
+    out = []
+    for listen in config.listens:
+        opts = listen.options
+        option = next((o for o in opts if o in ("smtps", "tls", "tls-require")), None)
+        if option is None or listen.is_socket or listen.interface in KEYWORDS or not listen.interface:
+            continue
+        port = 465 if option == "smtps" else 25
+        pki = None
+        for i, word in enumerate(opts[:-1]):
+            if word == "port" and opts[i + 1].isdigit():
+                port = int(opts[i + 1])
+            elif word == "pki":
+                pki = opts[i + 1].lower()  # smtpd lowercases pki names
+        mode = "smtps" if option == "smtps" else "starttls"
+        out.append(TlsListener(listen.interface, listen.line, mode, port, pki, option))
+    return out

@@ -219,6 +219,24 @@ class LogFollower:
         return [line for line in self.lines[since:] if regex.search(line)]
 
 
+@dataclass(frozen=True)
+class Handshake:
+    """One TLS handshake with one address of a listener, from inside the target (as a client of
+    the host would connect). `certificate`: the DER the listener served; `error`: the TLS
+    error's own words when the handshake did not complete."""
+
+    word: str  # the `listen on` word it was resolved from
+    address: str
+    port: int
+    mode: str  # "smtps" or "starttls"
+    certificate: bytes | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 class Target(ABC):
     """Where a config runs: SmtpdTarget (any real smtpd: lab, existing host, sandbox), emulated."""
 
@@ -298,6 +316,12 @@ class Target(ABC):
 
         Nothing to do where smtpd reaches the upstream directly; a sandbox opens its tunnel here.
         """
+        return None
+
+    def tls_handshakes(self, listeners: Sequence[tuple[str, str, int, str]]) -> list[Handshake] | None:
+        """A TLS handshake with every address each (word, kind, port, mode) listener resolves to
+        on the target, with smtpd running. None: this target cannot make one (the emulation):
+        such a listener is reported as not tested, never as passed."""
         return None
 
     @abstractmethod

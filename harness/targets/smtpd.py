@@ -7,6 +7,7 @@ followed, submit, `smtpctl`) is written here once.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
@@ -23,6 +24,7 @@ from harness.targets.base import (
     Bundle,
     BundleFile,
     ConfigCheck,
+    Handshake,
     LogFollower,
     OutgoingMail,
     StartRefused,
@@ -57,6 +59,55 @@ for rcpt, (code, text) in refused.items():
     print(f"refused {rcpt}: {code} {text.decode()}")
 """
 
+
+# A TLS handshake with each address of each listener, from inside the target (stdlib ssl and
+# smtplib). The chain is not verified: the user's certificate may come from any CA; the question
+# is whether smtpd completes a handshake with the key and certificate the config gives it.
+# An interface's addresses come from `ip -j addr` (link-local IPv6 left out: no scope to dial).
+# Prints one JSON object a line: word, address, port, mode, der (base64) or error.
+_TLS_HANDSHAKE = r"""
+import base64, ipaddress, json, smtplib, socket, ssl, subprocess, sys
+def addresses(word, kind):
+    if kind == "address":
+        return [str(ipaddress.ip_address(word.strip("[]")))]
+    if kind == "hostname":
+        return sorted({a[4][0] for a in socket.getaddrinfo(word, None, proto=socket.IPPROTO_TCP)})
+    out = subprocess.run(["ip", "-j", "addr", "show", "dev", word], capture_output=True, text=True)
+    found = []
+    for link in json.loads(out.stdout or "[]"):
+        for info in link.get("addr_info", []):
+            if info.get("family") in ("inet", "inet6") and info.get("scope") != "link":
+                found.append(info["local"])
+    return found
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+for word, kind, port, mode in json.loads(sys.argv[1]):
+    try:
+        found = addresses(word, kind)
+    except (OSError, ValueError) as exc:
+        row = {"word": word, "address": word, "port": port, "mode": mode}
+        print(json.dumps({**row, "error": f"cannot resolve {word}: {exc}"}))
+        continue
+    for address in found:
+        row = {"word": word, "address": address, "port": port, "mode": mode}
+        try:
+            if mode == "smtps":
+                with socket.create_connection((address, port), timeout=15) as raw:
+                    with ctx.wrap_socket(raw) as tls:
+                        der = tls.getpeercert(binary_form=True)
+            else:
+                with smtplib.SMTP(address, port, timeout=15) as smtp:
+                    smtp.ehlo("relay-harness.test")
+                    if not smtp.has_extn("starttls"):
+                        raise smtplib.SMTPException("the listener does not offer STARTTLS after EHLO")
+                    smtp.starttls(context=ctx)
+                    der = smtp.sock.getpeercert(binary_form=True)
+            row["der"] = base64.b64encode(der or b"").decode()
+        except (OSError, smtplib.SMTPException, ValueError) as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        print(json.dumps(row), flush=True)
+"""
 
 # The local users an aliases table delivers to, created as `useradd -M -N -s /usr/sbin/nologin`
 # would (no home made, group users, locked, uids above all others, nobody's 65534 skipped),
@@ -465,6 +516,19 @@ class SmtpdTarget(Target):
             for (i, _, _), item in zip(batch, bulk_results(result.stdout, len(batch), why), strict=True):
                 results[i] = Submission(item.ok, self.redact(item.output))
         return [r for r in results if r is not None]
+
+    def tls_handshakes(self, listeners: Sequence[tuple[str, str, int, str]]) -> list[Handshake] | None:
+        command = f"python3 -c {shlex.quote(_TLS_HANDSHAKE)} {shlex.quote(json.dumps(list(listeners)))}"
+        result = self.run(command, timeout=30 + 20 * len(listeners))
+        if result.returncode != 0:
+            raise TargetError(f"{self.name}: the TLS handshake client failed: {self.redact(result.output)}")
+        out = []
+        for line in result.stdout.splitlines():
+            row = json.loads(line)
+            der = base64.b64decode(row["der"]) if "der" in row else None
+            fields = (row["word"], row["address"], row["port"], row["mode"])
+            out.append(Handshake(*fields, der, row.get("error")))
+        return out
 
     def control(self, *args: str) -> str:
         return self.check(" ".join([shlex.quote(self.smtpctl), *(shlex.quote(a) for a in args)])).output
