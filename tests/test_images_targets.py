@@ -132,7 +132,8 @@ def test_check_side_by_side_agreeing_releases(trixie: Image, tmp_path: Path) -> 
 def test_check_side_by_side_names_what_the_upgrade_breaks_with_both_evidences(
     trixie: Image, tmp_path: Path
 ) -> None:
-    """A TLS listener without pki: 6.8 relays, 7.6 refuses the config."""
+    """A TLS listener without pki: 6.8 accepts the config and relays, but its listener fails
+    STARTTLS (`reason=ca-failure`); 7.6 refuses the config."""
     conf = tmp_path / "smtpd.conf"
     conf.write_text(GOOD.read_text().replace("listen on socket\n", "listen on socket\nlisten on lo0 tls\n"))
     junit = tmp_path / "j.xml"
@@ -144,11 +145,13 @@ def test_check_side_by_side_names_what_the_upgrade_breaks_with_both_evidences(
     assert "DIFF  config: accepted by lab:bookworm, refused by lab:trixie" in out.stdout
     assert "lab:bookworm: PASS: smtpd -n accepted the config" in out.stdout
     assert "invalid listen option: pki required for tls/smtps" in out.stdout
-    assert "FAIL: lab:bookworm PASS, lab:trixie FAIL" in out.stdout
+    assert "FAIL  listener 127.0.0.1:25 tls: TLS handshake (EHLO, then STARTTLS)" in out.stdout
+    assert "smtp disconnected reason=ca-failure" in out.stdout
+    assert "FAIL: lab:bookworm FAIL, lab:trixie FAIL" in out.stdout
     failed = [
         c.get("name") for c in ET.parse(junit).getroot().findall("testcase") if c.find("failure") is not None
     ]
-    assert failed == ["smtpd-accepts-config [lab:trixie]"]
+    assert failed == ["listener 127.0.0.1:25 tls [lab:bookworm]", "smtpd-accepts-config [lab:trixie]"]
 
 
 def test_check_side_by_side_quotes_both_releases_certificate_errors(trixie: Image, tmp_path: Path) -> None:
