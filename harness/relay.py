@@ -122,11 +122,18 @@ def relay_run(
         try:
             yield RelayRun(target, upstream, log, check)
         except TargetError as exc:
-            if not log.closed or isinstance(exc, SmtpdExited):
+            if isinstance(exc, SmtpdExited):
+                raise
+            # smtpctl can find smtpd gone before smtpd's output stream has ended: wait for that end
+            # (an event, milliseconds when smtpd died) before deciding the error is not its exit
+            if not log.closed and not log.wait_closed(EXIT_GRACE):
                 raise
             raise SmtpdExited(target.name, exited_why(log.lines, bundle)) from None
         finally:
             target.stop()
+
+
+EXIT_GRACE = 3.0  # seconds an error's caller waits for a dying smtpd's output to end
 
 
 class SmtpdExited(TargetError):
