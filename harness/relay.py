@@ -14,8 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.pki import TestPki
-from harness.smtpdconf import ConfigSyntaxError, backends, parse_config, smarthosts
-from harness.smtpdconf.parse import WIDEST_GRAMMAR
+from harness.smtpdconf import backends, smarthosts
 from harness.targets.base import (
     Bundle,
     ConfigCheck,
@@ -77,11 +76,8 @@ def relay_names(bundle: Bundle) -> tuple[str, ...]:
     """The host names the config relays to (not address literals: a target serves those itself,
     see Target.attach_upstream): each resolves to the fake upstream, so the relay is tested as
     written whatever name the URL gives (`mailhub`, or the provider's own)."""
-    if bundle.config is None:
-        return ()
-    try:
-        config = parse_config(bundle.config, bundle.config_path, WIDEST_GRAMMAR)
-    except ConfigSyntaxError:
+    config = bundle.parsed
+    if config is None:
         return ()  # smtpd judges it
     return tuple(h for h in smarthosts(config) if not _is_address(h))
 
@@ -154,12 +150,7 @@ def exited_why(lines: list[str], bundle: Bundle) -> str:
     from harness.targets.smtpd import startup_failure
 
     cause = startup_failure(lines) or "no reason logged"
-    config = None
-    if bundle.config is not None:
-        try:
-            config = parse_config(bundle.config, bundle.config_path, WIDEST_GRAMMAR)
-        except ConfigSyntaxError:
-            config = None
+    config = bundle.parsed
     m = _BACKEND_FATAL.match(cause)
     table = next((b for b in backends(config) if m and b.table == m.group("table")), None) if config else None
     if table is not None and table.backend in SERVER_BACKENDS:

@@ -6,6 +6,7 @@ files it names, as they will ship), checks it, starts smtpd, submits mail, obser
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from harness.errors import HarnessError
 from harness.waiting import Subscribers
 
 if TYPE_CHECKING:
+    from harness.smtpdconf import Config
     from harness.upstream import UpstreamServer
 
 SMTPD_CONF = "/etc/smtpd.conf"
@@ -73,6 +75,22 @@ class Bundle:
     files: tuple[BundleFile, ...] = ()
     users: tuple[str, ...] = ()
     config_path: str = SMTPD_CONF
+
+    @functools.cached_property
+    def parsed(self) -> Config | None:
+        """The config as data, read once for every reader of one run (the target making what it
+        names, the relay names, why smtpd exited), with the widest grammar: its declarations
+        whatever the release. None when there is no text or the harness cannot parse it: smtpd
+        judges it then, and nothing is made for it."""
+        from harness.smtpdconf import ConfigSyntaxError, parse_config
+        from harness.smtpdconf.parse import WIDEST_GRAMMAR
+
+        if self.config is None:
+            return None
+        try:
+            return parse_config(self.config, self.config_path, WIDEST_GRAMMAR)
+        except ConfigSyntaxError:
+            return None
 
 
 @dataclass(frozen=True)

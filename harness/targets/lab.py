@@ -51,7 +51,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness.smtpdconf import (
     Account,
     Backend,
-    ConfigSyntaxError,
     ListenNeeds,
     LmtpServer,
     Program,
@@ -59,11 +58,9 @@ from harness.smtpdconf import (
     backends,
     listen_needs,
     lmtp_servers,
-    parse_config,
     programs,
     smarthosts,
 )
-from harness.smtpdconf.parse import WIDEST_GRAMMAR
 from harness.targets.base import Bundle, TargetError
 from harness.targets.shell import Shell
 from harness.targets.smtpd import SmtpdTarget
@@ -731,10 +728,7 @@ class LabTarget(SmtpdTarget):
         self._upstream = upstream
 
     def install(self, bundle: Bundle) -> None:
-        config = None
-        if bundle.config is not None:
-            with contextlib.suppress(ConfigSyntaxError):  # smtpd judges it; nothing to make for it
-                config = parse_config(bundle.config, bundle.config_path, WIDEST_GRAMMAR)
+        config = bundle.parsed  # None: smtpd judges it; nothing to make for it
         if config is not None:
             self.host.provide(listen_needs(config))
         super().install(bundle)
