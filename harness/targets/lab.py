@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -744,6 +744,13 @@ class LabTarget(SmtpdTarget):
                     self.host.serve_upstream_at(address, self._upstream)
         self.notes = (*self._root_notes, *self.host.notes, *made)  # its root, what was made for it
 
+    def _first_missing(self, tests: Sequence[str], prelude: str = "") -> int | None:
+        """The index of the first shell test that fails on the host (None: all hold), asked in
+        one command: a config's needs are checked without an SSH round trip each."""
+        script = "; ".join(f"{test} || echo {i}" for i, test in enumerate(tests))
+        missing = self.check(f"{prelude}{script}; true").stdout.split()
+        return int(missing[0]) if missing else None
+
     def _check_backends(self, needed: Iterable[Backend]) -> None:
         """Every table backend the config names that Debian packages is installed: else smtpd -n
         says `backend "sqlite" does not exist` and the config would be blamed for it. A backend
@@ -751,10 +758,9 @@ class LabTarget(SmtpdTarget):
         known = [b for b in needed if b.package is not None]
         if not known:
             return
-        script = "; ".join(f"test -x {shlex.quote(b.program)} || echo {i}" for i, b in enumerate(known))
-        missing = self.check(f"{script}; true").stdout.split()
-        if missing:
-            b = known[int(missing[0])]
+        first = self._first_missing([f"test -x {shlex.quote(b.program)}" for b in known])
+        if first is not None:
+            b = known[first]
             raise LabError(
                 f"the test host cannot provide the table backend {b.backend} (table {b.table}, line "
                 f"{b.line}): {b.program} is not installed; Debian ships it in {b.package}: "
@@ -768,13 +774,12 @@ class LabTarget(SmtpdTarget):
         if not wanted:
             return
         # smtpd runs them through /bin/sh with its default PATH (_PATH_DEFPATH)
-        script = "; ".join(
-            f"command -v {shlex.quote(p.executable or '')} >/dev/null || echo {i}"
-            for i, p in enumerate(wanted)
+        first = self._first_missing(
+            [f"command -v {shlex.quote(p.executable or '')} >/dev/null" for p in wanted],
+            prelude="PATH=/usr/bin:/bin:/usr/sbin:/sbin; ",
         )
-        missing = self.check(f"PATH=/usr/bin:/bin:/usr/sbin:/sbin; {script}; true").stdout.split()
-        if missing:
-            p = wanted[int(missing[0])]
+        if first is not None:
+            p = wanted[first]
             exe = p.executable or ""
             install = f"apt-get install {p.package}" if p.package else "apt-get install"
             # --file takes a path; the shell looks a bare mda name up in PATH, /usr/bin first
@@ -819,13 +824,11 @@ class LabTarget(SmtpdTarget):
         wanted = list(needed)
         if not wanted:
             return
-        script = "; ".join(
-            f"test -S {shlex.quote(s.socket)} || echo {i}" if s.socket else f"echo {i}"
-            for i, s in enumerate(wanted)
+        first = self._first_missing(
+            [f"test -S {shlex.quote(s.socket)}" if s.socket else "false" for s in wanted]
         )
-        missing = self.check(f"{script}; true").stdout.split()
-        if missing:
-            s = wanted[int(missing[0])]
+        if first is not None:
+            s = wanted[first]
             raise LabError(
                 f"the test host cannot provide the LMTP server at {s.destination}, where action "
                 f'"{s.action}" (line {s.line}) delivers: it is another service of the host (dovecot, '
