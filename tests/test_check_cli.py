@@ -126,14 +126,16 @@ class Outcome:
         return f"$ relay-harness check {' '.join(self.argv)}\nexit {self.rc}\n{self.stdout}\n{self.stderr}"
 
 
-def _run(argv: list[str], out: Path) -> Outcome:
+def _run(argv: list[str], out: Path, env: dict[str, str]) -> Outcome:
+    """One check, in a pool thread; `env` is copied in the test's thread (a copy of os.environ
+    taken here raced pytest setting PYTEST_CURRENT_TEST: KeyError)."""
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [*_command(), "check", *argv],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=env,
         check=False,
     )
     json_file, junit_file = out / "report.json", out / "junit.xml"
@@ -152,8 +154,10 @@ class Checks:
 
     def __init__(self, root: Path) -> None:
         self._pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="relay-harness-check")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._futures: dict[str, Future[Outcome]] = {
-            key: self._pool.submit(_run, check.argv(root / key), root / key) for key, check in CHECKS.items()
+            key: self._pool.submit(_run, check.argv(root / key), root / key, env)
+            for key, check in CHECKS.items()
         }
 
     def outcome(self, key: str) -> Outcome:

@@ -117,7 +117,9 @@ class Run:
         return f"{self.case.name} ({self.case.about}): exit {self.rc}\n{self.output}"
 
 
-def _run(case: Case, out: Path) -> Run:
+def _run(case: Case, out: Path, env: dict[str, str]) -> Run:
+    """One check; `env` copied in the test's own thread (os.environ changes under a copy taken
+    in a worker thread while pytest sets PYTEST_CURRENT_TEST: KeyError)."""
     out.mkdir(parents=True)
     (out / "smtpd.conf").write_text(case.config)
     db = out / "db.sqlite"
@@ -135,7 +137,7 @@ def _run(case: Case, out: Path) -> Run:
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=env,
         check=False,
     )
     output = proc.stdout + proc.stderr
@@ -159,7 +161,8 @@ def test_every_twin_differs_from_its_positive_in_verdict() -> None:
 @pytest.mark.parametrize(("positive", "twin"), PAIRS, ids=[t for _, t in PAIRS])
 def test_the_gate_gives_each_config_its_verdict(tmp_path: Path, positive: str, twin: str) -> None:
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda name: _run(CASES[name], tmp_path / name), (positive, twin)))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        runs = list(pool.map(lambda name: _run(CASES[name], tmp_path / name, env), (positive, twin)))
     for run in runs:
         assert run.rc == run.case.exit, run.explain()
         for words in run.case.says:

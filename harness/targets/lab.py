@@ -398,9 +398,17 @@ class LabHost:
         deadline = time.monotonic() + READY_TIMEOUT
         with self._news:
             while not any("Server listening on" in line for line in self.sshd_log):
-                if self._ended or time.monotonic() > deadline or any(w == "exited" for w, _ in self._said):
-                    log = "\n".join(self.sshd_log[-10:])
-                    raise LabError(f"test host {self.name}: sshd did not start:\n{log}")
+                exited = [value for word, value in self._said if word in ("exited", "error")]
+                if self._ended or time.monotonic() > deadline or exited:
+                    why = (
+                        f"its first process said {exited[0]!r}"
+                        if exited
+                        else "its first process exited"
+                        if self._ended
+                        else f"not listening within {READY_TIMEOUT:g}s"
+                    )
+                    log = "\n".join(self.sshd_log[-10:]) or "(sshd wrote nothing)"
+                    raise LabError(f"test host {self.name}: sshd did not start ({why}):\n{log}")
                 self._news.wait(max(0.0, deadline - time.monotonic()))
         self.sshd_pid = int(self._wait("sshd"))
 
@@ -1131,8 +1139,12 @@ def running_hosts() -> list[StaleHost]:
         except OSError:
             continue
         # The first process is `python3 -I -S lab_init.py MARK ...` (its parent, `unshare`, has
-        # the same words further on: not the host).
+        # the same words further on: not the host), and PID 1 of its namespace: a child it forks
+        # shows the same words until it execs (sshd, every moment of every host start), and a
+        # cleaner that took it for a host whose owner is gone SIGKILLed it (`sshd -9`).
         if len(argv) < 9 or argv[4] not in HOST_MARKS or not argv[3].endswith(b"lab_init.py"):
+            continue
+        if _innermost_pid(int(entry.name)) != 1:
             continue
         at = 4
         try:

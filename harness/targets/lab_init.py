@@ -306,10 +306,15 @@ def forward(data: bytes) -> None:
 
 
 def serve(life: Lifeline, argv: list[str]) -> None:
-    """sshd runs, its log relayed, until stdin ends (or, kept, until killed)."""
+    """sshd runs, its log relayed, until stdin ends (or, kept, until killed).
+
+    sshd's end is told only after the last of its log: said from the SIGCHLD handler, it reached
+    the owner before the lines that say why sshd stopped (`sshd did not start:` and nothing).
+    """
     log_r, log_w = os.pipe()
     sshd = spawn(argv, log_w)
     os.close(log_w)
+    ended: dict[int, int] = {}
 
     def reap(signum: int, frame: object) -> None:
         # PID 1 inherits every orphan (smtpd once its SSH session ends): reap them all.
@@ -321,7 +326,7 @@ def serve(life: Lifeline, argv: list[str]) -> None:
             if pid == 0:
                 return
             if pid == sshd:
-                forward(f"relay-harness-init exited sshd {os.waitstatus_to_exitcode(status)}\n".encode())
+                ended[sshd] = os.waitstatus_to_exitcode(status)
 
     signal.signal(signal.SIGCHLD, reap)
     reap(signal.SIGCHLD, None)
@@ -335,7 +340,9 @@ def serve(life: Lifeline, argv: list[str]) -> None:
             if data:
                 forward(data)
             else:
+                # No one writes sshd's log any more: sshd is ending, if it has not ended.
                 watched.remove(log_r)
+                forward(f"relay-harness-init exited sshd {_end_of(sshd, ended)}\n".encode())
         if 0 in ready:
             life.feed()
             while b"\n" in life.buffer:
@@ -351,6 +358,24 @@ def serve(life: Lifeline, argv: list[str]) -> None:
                 watched.remove(0)
     while kept:
         signal.pause()  # until `lab clean` ends it
+
+
+def _end_of(pid: int, ended: dict[int, int], timeout: float = 5.0) -> int:
+    """The exit code of a child whose output has ended, once it has exited (its pidfd says so;
+    bounded, so that PID 1 never stops reading its lifeline); -1 if it lives on. The SIGCHLD
+    handler may have reaped it already and written it down."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return ended.get(pid, -1)  # reaped already
+    try:
+        select.select([fd], [], [], timeout)
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if reaped else ended.get(pid, -1)
+    except ChildProcessError:
+        return ended.get(pid, -1)
+    finally:
+        os.close(fd)
 
 
 def main() -> None:
