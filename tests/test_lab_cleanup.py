@@ -593,7 +593,6 @@ def test_a_cleaner_outside_removes_a_kept_host_whose_owner_inside_a_pid_namespac
         proc.wait(timeout=60)
 
 
-
 def test_what_a_hosts_first_process_forks_is_not_a_host(tmp_path: Path) -> None:
     """A child the first process forks shows the host's words until it execs (sshd, at every
     host start). Taken for a host whose owner is gone, other runs' cleaners SIGKILLed it: `sshd

@@ -13,7 +13,7 @@ import pytest
 
 from harness.pki import TestPki
 from harness.relay import DELIVERY, ConfigRejected, relay_run
-from harness.targets.base import Bundle, BundleFile, OutgoingMail
+from harness.targets.base import Bundle, BundleFile, OutgoingMail, TargetError
 from harness.targets.lab import LabHost
 from harness.upstream import Profile, parse_profile
 
@@ -217,3 +217,22 @@ def test_testinfra_host_sees_the_test_host_not_this_machine(lab_host: LabHost, r
     assert host.file("/etc/smtpd.conf").contains("label@smtp.example.net:587")
     assert host.user("alice").exists
     assert not Path("/etc/mail/secrets").exists() or Path("/etc/mail/secrets").read_bytes() != SECRETS.content
+
+
+def test_smtpctl_waits_for_a_starting_smtpds_control_socket(lab_host: LabHost) -> None:
+    """smtpd's control process listens in a process of its own and says nothing when it does:
+    under load the READY lines came first and `smtpctl pause mta` said `smtpd doesn't seem to be
+    running` of an smtpd that was starting. The socket away for a moment is that moment."""
+    target = lab_host.target
+    assert target is not None
+    target.install(bundle(config("smtp+tls://label@smtp.example.net:587")))
+    target.start()
+    target.check("mv /run/smtpd.sock /run/smtpd.sock.away")
+    target.check("(sleep 0.3; mv /run/smtpd.sock.away /run/smtpd.sock) </dev/null >/dev/null 2>&1 &")
+    assert "MTA running" in target.control("show", "status")
+    # The twin: smtpd gone for good, the answer comes at once (its end is the event), not after
+    # the wait for a starting one.
+    target.check("mv /run/smtpd.sock /run/smtpd.sock.away")
+    target.check("pkill -KILL -x smtpd; true")
+    with pytest.raises(TargetError, match="smtpd doesn't seem to be running"):
+        target.control("show", "status")

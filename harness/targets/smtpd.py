@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 # the (empty) queue into the scheduler; a submission before the latter can get EX_TEMPFAIL (75).
 READY = (r"smtp: will accept at most \d+ clients", r"queue: done loading queue into scheduler")
 READY_TIMEOUT = 15.0
+NOT_RUNNING = "smtpd doesn't seem to be running"  # smtpctl's words when the control socket refuses
+CONTROL_RETRY = 0.05  # seconds between asking a starting smtpd's control socket again
 # Every CA bundle a Linux smtpd may have been built to read; Debian's always, others where present.
 CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
 
@@ -531,10 +533,29 @@ class SmtpdTarget(Target):
         return out
 
     def control(self, *args: str) -> str:
-        return self.check(" ".join([shlex.quote(self.smtpctl), *(shlex.quote(a) for a in args)])).output
+        result = self._smtpctl(*args)
+        if result.returncode != 0:
+            said = f"smtpctl {' '.join(args)} exited {result.returncode}: {result.output}"
+            raise TargetError(f"{self.name}: {said}")
+        return result.output
 
     def queue(self) -> str:
-        return self.run(f"{shlex.quote(self.smtpctl)} show queue").output
+        return self._smtpctl("show", "queue").output
+
+    def _smtpctl(self, *args: str) -> CommandResult:
+        """smtpctl on the running smtpd. smtpd's control process listens on its socket in a
+        process of its own and logs nothing when it does: under load the READY lines of the
+        others came first, and smtpctl said `smtpd doesn't seem to be running` of an smtpd that
+        was starting. Asked again while smtpd runs (its end is the event that stops the wait)."""
+        command = " ".join([shlex.quote(self.smtpctl), *(shlex.quote(a) for a in args)])
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            result = self.run(command)
+            started = self._smtpd is not None  # by us, so its output ends when it exits
+            if NOT_RUNNING not in result.output or not started or time.monotonic() > deadline:
+                return result
+            if self.log.wait_closed(CONTROL_RETRY):
+                return result  # smtpd has exited: that is the answer
 
     def mailbox(self, user: str) -> bytes:
         return self.read_file(f"/var/mail/{user}")
