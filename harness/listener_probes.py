@@ -15,9 +15,6 @@ import re
 import time
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from harness.probes import Probe, ProbeResult
 from harness.redact import Redactor
 from harness.relay import RelayRun
@@ -194,6 +191,11 @@ def _key_mismatch(cert_pem: bytes | None, key_pem: bytes | None) -> bool | None:
     """True when the key is not the certificate's; None when either cannot be read."""
     if cert_pem is None or key_pem is None:
         return None
+    # here, not at the top: cryptography costs a check of a config without TLS listeners (the
+    # emulated one, which declines those, above all) a good part of its start-up
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -207,6 +209,8 @@ def _key_mismatch(cert_pem: bytes | None, key_pem: bytes | None) -> bool | None:
 def _subject(der: bytes | None) -> str:
     if not der:
         return "(none sent)"
+    from cryptography import x509  # (see _key_mismatch)
+
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
