@@ -184,8 +184,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             report.notes.extend(notes)
             reports.append(report)
     except HarnessError as exc:
-        if len(targets) == 1:
-            _check_reports(files, CheckReport(str(args.config), targets[0], "error", error=str(exc)))
+        # several targets too: one that cannot run (an image that cannot be built) is the
+        # whole comparison's error, and the dashboard shows it, not a missing report
+        _check_reports(files, CheckReport(str(args.config), ", ".join(targets), "error", error=str(exc)))
         raise
     if len(specs) > 1:
         return _check_side_by_side([s.text for s in specs], reports, files)

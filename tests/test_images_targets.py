@@ -85,6 +85,24 @@ def test_check_with_an_unknown_release_is_exit_2(tmp_path: Path, capsys: pytest.
     assert "Traceback" not in err
 
 
+def test_side_by_side_with_a_release_that_cannot_be_had_still_writes_both_reports(tmp_path: Path) -> None:
+    """An exit 2 of `check --target A --target B` is an error in the CI dashboard, not a
+    missing report (as it is with one target)."""
+    _needs_lab()
+    json_path, junit_path = tmp_path / "report.json", tmp_path / "junit.xml"
+    done = run_cli(
+        "check", str(GOOD), "--upstream", str(PROVIDER), "--table", ALIASES,
+        "--target", "lab", "--target", "lab:jammy",
+        "--report-json", str(json_path), "--junit", str(junit_path),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    report = json.loads(json_path.read_text())
+    assert report["verdict"] == "error" and report["target"] == "lab, lab:jammy"
+    assert "image jammy: not a Debian release this debootstrap knows" in report["error"]
+    errors = ET.fromstring(junit_path.read_text()).findall(".//error")
+    assert errors and "image jammy" in (errors[0].get("message") or "") + (errors[0].text or "")
+
+
 # -- a test host of the image ----------------------------------------------------------------------
 
 
