@@ -13,7 +13,14 @@ import subprocess
 import pytest
 
 from harness.pki import TestPki
-from harness.smtpdconf import accounts, alias_files, lmtp_servers, parse_config, programs
+from harness.smtpdconf import (
+    accounts,
+    alias_files,
+    lmtp_servers,
+    parse_config,
+    programs,
+    relay_sources,
+)
 from harness.targets.base import Bundle, BundleFile
 from harness.targets.lab import UPSTREAM_LINK, LabError, LabHost
 from harness.upstream import UpstreamServer, parse_profile
@@ -127,6 +134,57 @@ def test_a_missing_filter_program_is_named_with_its_line(lab_host: LabHost) -> N
     script = BundleFile("/usr/local/bin/scan-mail", b"#!/bin/sh\ncat\n", 0o755)
     with pytest.raises(LabError, match=r"cannot provide /usr/bin/filter-rspamd, the program of proc rspamd"):
         target.install(Bundle(FILTERS, (script,)))
+
+
+SOURCES = (
+    "table secrets file:/etc/mail/secrets\ntable out file:/etc/mail/out\n"
+    'table v6 { "2001:db8:25::25", not-an-address }\nlisten on lo\n'
+    'action "a" relay host smtp+tls://p@smtp.example.net:587 auth <secrets> src 192.0.2.40\n'
+    'action "b" relay host smtp+tls://p@smtp.example.net:587 auth <secrets> src <out>\n'
+    'action "c" relay src <v6>\naction "d" mbox\n'
+    'match from local for any action "a"\n'
+)
+
+
+def test_relay_sources_are_every_src_address_inline_or_in_a_table() -> None:
+    files = {"/etc/mail/out": b"# leaves from\n203.0.113.25  # mail.example.org\n\n203.0.113.26\n"}
+    found = [(s.action, s.line, s.address) for s in relay_sources(parse_config(SOURCES), files)]
+    assert found == [
+        ("a", 5, "192.0.2.40"),
+        ("b", 6, "203.0.113.25"),
+        ("b", 6, "203.0.113.26"),
+        ("c", 7, "2001:db8:25::25"),
+    ]
+    # a file table not given has no addresses to know; smtpd judges the rest
+    assert [s.action for s in relay_sources(parse_config(SOURCES))] == ["a", "c"]
+
+
+def test_a_relay_src_is_the_hosts_and_the_upstream_answers_it_inside(
+    lab_host: LabHost, relay_pki: TestPki
+) -> None:
+    """smtpd binds its relay connections to `src`: the host has the address, and the fake
+    upstream answers the relay names inside the host, where a connection from it can return."""
+    target = lab_host.target
+    assert target is not None
+    profile = parse_profile('host = "smtp.example.net"\nport = 587\n', "p.toml")
+    config = (
+        'listen on lo\naction "r" relay host smtp+tls://smtp.example.net:587 src 192.0.2.40\n'
+        'match from local for any action "r"\n'
+    )
+    with UpstreamServer(profile, relay_pki, lab_host.upstream_address, 587, listen=False) as upstream:
+        target.attach_upstream(upstream)
+        target.install(Bundle(config))
+        inside = target.upstream_address()
+        assert inside != lab_host.upstream_address
+        assert "192.0.2.40/32" in target.check("ip -o addr show dev eth0").stdout
+        connect = (
+            "import socket; s = socket.create_connection"
+            f'(("{inside}", 587), 5, source_address=("192.0.2.40", 0)); print(s.recv(100).decode())'
+        )
+        assert target.check(f"python3 -c '{connect}'").stdout.startswith("220 smtp.example.net")
+        assert [s.peer.startswith("192.0.2.40:") for s in upstream.recorder.sessions] == [True]
+        target.install(Bundle(config.replace(" src 192.0.2.40", "")))
+        assert target.upstream_address() == lab_host.upstream_address
 
 
 def test_a_relay_urls_address_is_served_inside_the_host_only(lab_host: LabHost, relay_pki: TestPki) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from harness.smtpdconf.parse import KEYWORDS, Config
+from harness.smtpdconf.parse import KEYWORDS, Config, Literal
 
 # An interface name with a VLAN suffix (eth0.100) has a dot but is not a host name.
 _VLAN = re.compile(r"[A-Za-z][\w-]*\.\d+")
@@ -259,3 +260,54 @@ def tls_listeners(config: Config) -> list[TlsListener]:
         mode = "smtps" if option == "smtps" else "starttls"
         out.append(TlsListener(listen.interface, listen.line, mode, port, pki, option))
     return out
+
+
+@dataclass(frozen=True)
+class RelaySource:
+    """An address a relay action sends from (`src 203.0.113.10`, `src <table>`): smtpd binds its
+    connections there (mta_session.c), so the host the config ships to has it on an interface,
+    as it has its listen addresses; a host without it gets `Cannot assign requested address`."""
+
+    action: str
+    line: int
+    address: str  # normalised (`[::1]` → `::1`)
+
+
+def relay_sources(config: Config, files: Mapping[str, bytes] | None = None) -> tuple[RelaySource, ...]:
+    """Every address a relay action's `src` names, inline or in a table (inline, or a `file:`
+    table whose content `files` holds by path), file order. smtpd reads a source table's
+    values as addresses; a value that is none (a name, a typo) is left to smtpd to judge."""
+    files = files or {}
+    found: list[RelaySource] = []
+    for action in sorted(config.actions.values(), key=lambda a: a.line):
+        operand = action.operand("src") if action.is_relay else None
+        if operand is None:
+            continue
+        if isinstance(operand, Literal):
+            words: tuple[str, ...] = operand.values
+        else:
+            table = config.tables.get(operand.name)
+            if table is None:
+                continue  # smtpd -n: no such table
+            words = table.values or tuple(k for k, _ in table.mapping)
+            content = files.get(table.config or "") if table.backend == "file" else None
+            if content is not None:
+                words = _list_values(content)
+        for word in words:
+            try:
+                address = ipaddress.ip_address(word.strip("[]"))
+            except ValueError:
+                continue
+            found.append(RelaySource(action.name, action.line, str(address)))
+    return tuple(dict.fromkeys(found))
+
+
+def _list_values(content: bytes) -> tuple[str, ...]:
+    """A list table's values as smtpd's file backend reads them: a line's first word, `#`
+    comments and blank lines skipped."""
+    values = []
+    for line in content.decode("utf-8", "replace").splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            values.append(words[0])
+    return tuple(values)

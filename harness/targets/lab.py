@@ -54,11 +54,13 @@ from harness.smtpdconf import (
     ListenNeeds,
     LmtpServer,
     Program,
+    RelaySource,
     accounts,
     backends,
     listen_needs,
     lmtp_servers,
     programs,
+    relay_sources,
     smarthosts,
 )
 from harness.targets.base import Bundle, TargetError
@@ -493,16 +495,8 @@ class LabHost:
             if name == "egress":
                 notes.append(egress_note(name))
         for text in needs.addresses:
-            address = ipaddress.ip_address(text)
-            if address.is_unspecified or address.is_loopback or str(address) in present:
-                continue  # 0.0.0.0, ::, 127.0.0.0/8 and ::1 are there already
-            problem = address_problem(address)
-            if problem is not None:
-                raise LabError(problem)
-            size = 32 if address.version == 4 else 128
-            _ip(batch=f"addr add {address}/{size} dev eth0{' nodad' if size == 128 else ''}\n", pid=self.pid)
-            present[str(address)] = "eth0"
-            notes.append(f"listen on {address}: assigned to the test host's eth0")
+            if self._assign(ipaddress.ip_address(text), present):
+                notes.append(f"listen on {text}: assigned to the test host's eth0")
         hosts = ""
         for name in needs.hostnames:
             if self.target.run(f"getent hosts {shlex.quote(name)}").returncode == 0:
@@ -515,6 +509,37 @@ class LabHost:
             )
         if hosts:
             self.target.check("cat >> /etc/hosts", stdin=hosts.encode())
+        self.notes.extend(notes)
+        return notes
+
+    def _assign(
+        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, present: dict[str, str]
+    ) -> bool:
+        """ADDRESS on the host's eth0, as the host the config ships to has it on an interface;
+        False where it is there already (0.0.0.0, ::, 127.0.0.0/8, ::1, one assigned before)."""
+        if address.is_unspecified or address.is_loopback or str(address) in present:
+            return False
+        problem = address_problem(address)
+        if problem is not None:
+            raise LabError(problem)
+        size = 32 if address.version == 4 else 128
+        _ip(batch=f"addr add {address}/{size} dev eth0{' nodad' if size == 128 else ''}\n", pid=self.pid)
+        present[str(address)] = "eth0"
+        return True
+
+    def provide_sources(self, sources: Sequence[RelaySource]) -> list[str]:
+        """Every address a relay action sends from (`src`), assigned in the host; returns notes.
+
+        The fake upstream listens on this machine, which routes no test address back to a test
+        host, so a host with sources is served the upstream inside its own network namespace
+        (see serve_upstream_inside): smtpd's connection from the source stays in the host."""
+        assert self.pid is not None
+        present = self._addresses()
+        notes = [
+            f'relay src {s.address} (action "{s.action}", line {s.line}): assigned to the test host\'s eth0'
+            for s in sources
+            if self._assign(ipaddress.ip_address(s.address), present)
+        ]
         self.notes.extend(notes)
         return notes
 
@@ -535,7 +560,7 @@ class LabHost:
                 return candidate
 
     # -- the fake upstream at a relay URL's address -------------------------------------------
-    def serve_upstream_at(self, address: str, upstream: UpstreamServer) -> None:
+    def serve_upstream_at(self, address: str, upstream: UpstreamServer, what: str = "smarthost") -> None:
         """The fake upstream answering at ADDRESS (a relay URL's literal) on its port, inside the
         host: the address assigned there (on lo), the listening socket made in the host's network
         namespace (so only the host can reach it), each connection handed to the upstream."""
@@ -558,8 +583,7 @@ class LabHost:
             nodad = " nodad" if size == 128 else ""
             _ip(batch=f"addr add {ip}/{size} dev {UPSTREAM_LINK}{nodad}\n", pid=self.pid)
             self.notes.append(
-                f"smarthost {ip}: assigned to the test host's {UPSTREAM_LINK}, where the fake upstream "
-                "answers"
+                f"{what} {ip}: assigned to the test host's {UPSTREAM_LINK}, where the fake upstream answers"
             )
         sock = self._socket_inside(str(ip), upstream.port)
         thread = threading.Thread(
@@ -567,6 +591,14 @@ class LabHost:
         )
         thread.start()
         self._serving.append((str(ip), upstream.port, (sock, thread)))
+
+    def serve_upstream_inside(self, version: int, upstream: UpstreamServer) -> str:
+        """The fake upstream at a test address of the host's own (IPv4 or IPv6), for the names it
+        relays to: where smtpd's connections from a relay `src` reach it without leaving the
+        host. Returns the address."""
+        address = self._test_address(version, self._addresses())
+        self.serve_upstream_at(address, upstream, what="upstream for relay src")
+        return address
 
     def stop_serving(self) -> None:
         for _, _, (sock, thread) in self._serving:
@@ -729,6 +761,12 @@ class LabTarget(SmtpdTarget):
         self._root_notes = (f"{name}: {host.describe_image()}",) if host.release is not None else ()
         self.notes = self._root_notes
         self._upstream: UpstreamServer | None = None
+        self._inside: str | None = None  # where the upstream answers inside the host (relay src)
+
+    def upstream_address(self) -> str:
+        """Where the relay names point: this machine's end of the link, or for a config whose
+        relays send from a `src` address, the upstream inside the host (no route leads back)."""
+        return self._inside or super().upstream_address()
 
     def attach_upstream(self, upstream: UpstreamServer) -> None:
         super().attach_upstream(upstream)
@@ -741,7 +779,13 @@ class LabTarget(SmtpdTarget):
             self.host.provide(listen_needs(config))
         super().install(bundle)
         made: list[str] = []
+        self._inside = None
         if config is not None:
+            sources = relay_sources(config, {f.path: f.content for f in bundle.files})
+            self.host.provide_sources(sources)
+            if sources and self._upstream is not None:
+                version = 6 if all(":" in s.address for s in sources) else 4
+                self._inside = self.host.serve_upstream_inside(version, self._upstream)
             self._check_backends(backends(config))
             self._check_programs(programs(config))
             self._check_lmtp(lmtp_servers(config))
