@@ -38,8 +38,9 @@ from harness.targets.shell import CommandResult, Shell
 if TYPE_CHECKING:
     from harness.upstream import UpstreamServer
 
-# smtpd is ready for a submission once its listeners are up and the queue process has loaded
-# the (empty) queue into the scheduler; a submission before the latter can get EX_TEMPFAIL (75).
+# smtpd is ready for a submission once its listeners are up, the queue process has loaded the
+# (empty) queue into the scheduler (a submission before can get EX_TEMPFAIL, 75) and its control
+# socket takes connections (SmtpdTarget._await_control: its process logs nothing when it does).
 READY = (r"smtp: will accept at most \d+ clients", r"queue: done loading queue into scheduler")
 READY_TIMEOUT = 15.0
 NOT_RUNNING = "smtpd doesn't seem to be running"  # smtpctl's words when the control socket refuses
@@ -475,6 +476,7 @@ class SmtpdTarget(Target):
             first = self.log.wait_for(r"^relay-harness-pid (\d+)$", READY_TIMEOUT)
             self._smtpd_pid = int(first.group(1))
             wait_ready(self.log, READY_TIMEOUT)
+            self._await_control()
         except TimeoutError as exc:
             self.stop()
             for line in self.log.lines if self.enclosure is not None else ():
@@ -541,6 +543,14 @@ class SmtpdTarget(Target):
 
     def queue(self) -> str:
         return self._smtpctl("show", "queue").output
+
+    def _await_control(self) -> None:
+        """Until smtpd's control socket takes connections: sendmail (smtpctl enqueue) that finds
+        it refusing does not fail, it writes the mail to the offline queue and exits 75 with no
+        word, and smtpd relays it later. Its READY lines come from other processes."""
+        said = self._smtpctl("show", "status")
+        if NOT_RUNNING in said.output:
+            raise TimeoutError(f"smtpd's control socket took no connection within {READY_TIMEOUT:g}s")
 
     def _smtpctl(self, *args: str) -> CommandResult:
         """smtpctl on the running smtpd. smtpd's control process listens on its socket in a
