@@ -175,6 +175,7 @@ def json_report(report: CheckReport) -> dict[str, Any]:
         "error": report.error,
         "refusal": report.refusal,
         "refusal_line": report.refusal_line,
+        "refusal_stage": report.refusal_stage if report.refusal is not None else None,
         "probes": [
             {
                 "name": r.probe.name,

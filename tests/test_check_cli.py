@@ -317,6 +317,7 @@ def test_article_config_is_refused_no_such_dispatcher_line_27(checks: Checks) ->
     report = out.report
     assert report["verdict"] == "refused" and report["ok"] is False
     assert (report["refusal"], report["refusal_line"]) == ("no such dispatcher: outbound", 27)
+    assert report["refusal_stage"] == "smtpd -n"
     assert report["probes"] == []
     assert ARTICLE.read_text().splitlines()[26] == 'match from local for any action "outbound"'
     assert f"  REFUSED  smtpd -n: {ARTICLE}:27: no such dispatcher: outbound\n" in out.stdout
@@ -609,19 +610,16 @@ def test_json_report_fields(checks: Checks) -> None:
         "error",
         "refusal",
         "refusal_line",
+        "refusal_stage",
         "probes",
         "lint",
         "notes",
     }
     assert report["config"] == out.argv[0]
     assert re.fullmatch(rf"lab:{HOST}", report["target"])
-    assert (report["verdict"], report["ok"], report["error"], report["refusal"], report["refusal_line"]) == (
-        "fail",
-        False,
-        None,
-        None,
-        None,
-    )
+    refusal = (report["refusal"], report["refusal_line"], report["refusal_stage"])
+    assert (report["verdict"], report["ok"], report["error"]) == ("fail", False, None)
+    assert refusal == (None, None, None)
     assert 0 < report["seconds"] < 60
     names = [p["name"] for p in report["probes"]]
     assert names == [

@@ -172,5 +172,7 @@ def test_the_gate_gives_each_config_its_verdict(tmp_path: Path, positive: str, t
         assert "Traceback" not in run.output, run.explain()
         verdict = {0: "pass", 1: ("fail", "refused"), 2: "error"}[run.case.exit]
         assert run.report["verdict"] in verdict, run.explain()
+        if run.report["verdict"] == "refused":  # the JSON says at which stage, as the text does
+            assert f"REFUSED  {run.report['refusal_stage']}: " in run.output, run.explain()
         failing = run.junit.findall(".//failure") + run.junit.findall(".//error")
         assert bool(failing) == (run.case.exit != 0), run.explain()
