@@ -73,14 +73,23 @@ def make_real(
     files: tuple[BundleFile, ...] = (),
     log: str = HEALTHY_LOG,
     after: str = "",
+    config_path: str = "/etc/smtpd.conf",
+    start: str | None = None,
 ) -> SmtpdTarget:
-    """Install like an admin would, start smtpd as a daemon, write a mail log; `after` breaks it."""
+    """Install like an admin would, start smtpd as a daemon, write a mail log; `after` breaks it.
+
+    `start` is the command that starts smtpd (default: with -f `config_path`); "" leaves it stopped.
+    """
     target = host.target
     assert target is not None
     target.check("mount -t tmpfs -o mode=0755 rh-log /var/log")
-    target.install(Bundle(conf or config(), files or (ALIASES, secrets()), ("alice",)))
+    target.install(Bundle(conf or config(), files or (ALIASES, secrets()), ("alice",), config_path))
     target.write_file("/var/log/mail.log", log.encode(), 0o640)
-    target.check("/usr/sbin/smtpd -f /etc/smtpd.conf")
+    if start == "":
+        if after:
+            target.check(after)
+        return target
+    target.check(f"/usr/sbin/smtpd -f {config_path}" if start is None else start)
     # The daemon returns before its control socket is up, and enables its listeners after that
     # (once the queue is loaded), one listen() per address of lo (127.0.0.1 and ::1): wait for
     # all of them, bounded, so a test sees the host as it runs (a listener snapshot taken between

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from harness.errors import HarnessError
+from harness.accept.errors import AcceptError as AcceptError
+from harness.accept.locate import SYSTEMD_UNITS, locate_config, smtpd_group
 from harness.probes import FAILURES
 from harness.redact import secrets_table_credentials
 from harness.smtpdconf import (
@@ -34,15 +35,10 @@ from harness.targets.shell import CommandResult, Shell
 from harness.upstream import Profile
 
 Status = Literal["pass", "fail", "warn", "info"]
-CONFIG_CANDIDATES = ("/etc/smtpd.conf", "/etc/mail/smtpd.conf")
 MAIL_LOGS = ("/var/log/mail.log", "/var/log/maillog")
 LOG_LINES = 5000
 MAX_QUOTED = 5
 SEARCH_PATH = "PATH=$PATH:/usr/sbin:/sbin:/usr/local/sbin"
-
-
-class AcceptError(HarnessError):
-    """The harness cannot do its job on this host (unreachable, no sudo, no OpenSMTPD): exit 2."""
 
 
 @dataclass
@@ -198,17 +194,23 @@ def preflight(shell: Shell, config_path: str | None) -> HostFacts:
             version.output,
         )
     )
-    candidates = (config_path,) if config_path else CONFIG_CANDIDATES
-    stats = stat_files(shell, candidates)
-    for path in candidates:
-        facts.config = read_host_file(shell, path, stats[path])
-        if facts.config is not None:
-            facts.config_path = path
-            break
+    facts.service = service_kind(shell)
+    location, running_groups = locate_config(shell, facts.smtpd, facts.service)
+    path = config_path or location.path
+    facts.config_path = path
+    facts.config = read_host_file(shell, path, stat_files(shell, [path])[path])
     if facts.config is None:
-        raise AcceptError(f"{shell.name}: no smtpd config at {' or '.join(candidates)}")
-    group = shell.run("grep -q '^_smtpd:' /etc/group")
-    facts.smtpd_group = "_smtpd" if group.returncode == 0 else "opensmtpd"
+        raise AcceptError(
+            f"{shell.name}: no smtpd config at {path}"
+            + (" (--config)" if config_path else f" ({location.how}): pass --config PATH")
+        )
+    facts.smtpd_group, _ = smtpd_group(shell, running_groups)
+    how = "--config" if config_path else location.how
+    if config_path and location.path != config_path:
+        how += f" (the host's smtpd would read {location.path}: {location.how})"
+    facts.facts.append(
+        Fact("config-location", "info", f"config {path}: {how}", location.command, location.output)
+    )
     return facts
 
 
@@ -278,19 +280,24 @@ def _grammar_fact(facts: HostFacts) -> Fact:
     )
 
 
-def _service_fact(shell: Shell, facts: HostFacts) -> Fact:
-    """systemd, rcctl, or (neither) the control socket: whichever the host has, named."""
+def service_kind(shell: Shell) -> str:
+    """How the host runs smtpd: "systemd", "rcctl", or (neither) "control-socket"."""
     detect = shell.run(
         f"if test -d /run/systemd/system && command -v systemctl >/dev/null; then echo systemd; "
         f"elif {SEARCH_PATH} command -v rcctl >/dev/null; then echo rcctl; else echo none; fi"
     )
     init = detect.stdout.strip()
+    return init if init in ("systemd", "rcctl") else "control-socket"
+
+
+def _service_fact(shell: Shell, facts: HostFacts) -> Fact:
+    """systemd, rcctl, or (neither) the control socket: whichever the host has, named."""
+    init = facts.service or service_kind(shell)
     if init == "systemd":
-        facts.service = "systemd"
-        for unit in ("opensmtpd", "smtpd"):
+        for unit in SYSTEMD_UNITS:
             active = shell.run(f"systemctl is-active {unit}")
             enabled = shell.run(f"systemctl is-enabled {unit}")
-            if enabled.stdout.strip() in ("", "not-found") and unit != "smtpd":
+            if enabled.stdout.strip() in ("", "not-found") and unit != SYSTEMD_UNITS[-1]:
                 continue
             ok = active.returncode == 0 and enabled.returncode == 0
             return Fact(
@@ -302,7 +309,6 @@ def _service_fact(shell: Shell, facts: HostFacts) -> Fact:
                 hint=None if ok else f"systemctl enable --now {unit}",
             )
     if init == "rcctl":
-        facts.service = "rcctl"
         check = shell.run("rcctl check smtpd")
         flags = shell.run("rcctl get smtpd status")
         ok = check.returncode == 0 and flags.returncode == 0
@@ -315,7 +321,6 @@ def _service_fact(shell: Shell, facts: HostFacts) -> Fact:
             f"{check.output}\n{flags.output}".strip(),
             hint=None if ok else "rcctl enable smtpd && rcctl start smtpd",
         )
-    facts.service = "control-socket"
     status = shell.run(f"{SEARCH_PATH} smtpctl show status 2>&1")
     status = CommandResult("smtpctl show status", status.returncode, status.stdout, status.stderr)
     ok = status.returncode == 0
@@ -463,8 +468,7 @@ def _table_facts(facts: HostFacts) -> list[Fact]:
         hints: list[str] = []
         if t.secret:
             st = t.file.stat
-            group_ok = st.group in (facts.smtpd_group, "_smtpd", "opensmtpd")
-            if st.mode != 0o640 or st.owner != "root" or not group_ok:
+            if st.mode != 0o640 or st.owner != "root" or st.group != facts.smtpd_group:
                 problems.append(
                     f"secrets table is {st.describe()}, must be mode 640 root:{facts.smtpd_group}"
                 )

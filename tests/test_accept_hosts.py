@@ -1,0 +1,136 @@
+"""`accept` on hosts laid out unlike Debian: lab test hosts made to look like them.
+
+Each host keeps the machine's Debian default /etc/smtpd.conf (the lab host's root is the
+machine's, as an overlay) beside the config really in use: a harness that guesses reads that
+decoy and reports a healthy host it never looked at. The host must say where its config is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from test_accept import ALIASES, PROVIDER, accept, config, fact, make_real, secrets
+
+from harness.accept.facts import AcceptError
+from harness.accept.locate import config_option
+from harness.accept.run import WAY_COPY, WAY_SANDBOX
+from harness.report import accept_text as text_report
+from harness.targets.base import BundleFile
+from harness.targets.lab import Lab, LabHost
+from harness.targets.smtpd import SmtpdTarget
+
+pytestmark = pytest.mark.lab
+
+
+def moved(directory: str, group: str = "_smtpd") -> tuple[str, tuple[BundleFile, ...]]:
+    """test_accept's config and tables, with the tables in `directory` instead of /etc/mail."""
+    files = tuple(
+        replace(
+            f,
+            path=f.path.replace("/etc/mail/", f"{directory}/"),
+            db=f.db.replace("/etc/mail/", f"{directory}/") if f.db else None,
+            group=group if f.secret else f.group,
+        )
+        for f in (ALIASES, secrets())
+    )
+    return config().replace("/etc/mail/", f"{directory}/"), files
+
+
+def snapshot(target: SmtpdTarget, *paths: str) -> str:
+    """Hash, mode, owner and mtime of every file under `paths` (and the decoy, and the log)."""
+    where = " ".join(("/etc/smtpd.conf", "/var/log", *paths))
+    return target.check(
+        f"find {where} -type f | sort | xargs stat -c '%n %a %U %G %Y %s' && "
+        f"find {where} -type f | sort | xargs sha256sum"
+    ).stdout
+
+
+@pytest.mark.parametrize("relay_mode", ["lab", "sandbox"])
+def test_the_running_smtpds_f_names_the_config(relay_lab: Lab, lab_host: LabHost, relay_mode: str) -> None:
+    """Alpine, Arch, Fedora: /etc/smtpd/smtpd.conf, smtpd started with -f (the decoy unread)."""
+    conf, files = moved("/etc/smtpd")
+    target = make_real(lab_host, conf, files, config_path="/etc/smtpd/smtpd.conf")
+    assert target.check("test -f /etc/smtpd.conf").returncode == 0  # the decoy is there
+    before = snapshot(target, "/etc/smtpd")
+    report = accept(relay_lab, lab_host, relay_mode=relay_mode)
+    text = text_report(report)
+    assert report.config_path == "/etc/smtpd/smtpd.conf", text
+    status, summary = fact(report, "config-location")
+    assert "the running smtpd (pid " in summary and "-f /etc/smtpd/smtpd.conf" in summary, summary
+    assert fact(report, "table:secrets")[0] == "pass", text
+    assert fact(report, "relay:relay-external")[0] == "pass", text
+    assert report.relay_way == (WAY_COPY if relay_mode == "lab" else WAY_SANDBOX)
+    assert report.ok, text
+    assert snapshot(target, "/etc/smtpd") == before
+
+
+def test_f_is_read_as_smtpds_getopt_reads_it() -> None:
+    """Combined flags, an attached argument, and what follows the options are not -f's."""
+    assert config_option(["-dvf", "/etc/x.conf"]) == "/etc/x.conf"
+    assert config_option(["-f/etc/y.conf", "-v"]) == "/etc/y.conf"
+    assert config_option(["-T", "mta", "-f", "/etc/z.conf"]) == "/etc/z.conf"
+    assert config_option(["-T", "-f", "x"]) is None  # -T took "-f" as its argument
+    assert config_option(["-d", "--", "-f", "x"]) is None
+    assert config_option(["-v"]) is None
+
+
+def test_the_default_compiled_into_the_hosts_smtpd(relay_lab: Lab, lab_host: LabHost) -> None:
+    """An smtpd built with another default config path, started without -f: its binary says where."""
+    conf, files = moved("/etc/mail")
+    target = make_real(lab_host, conf, files, config_path="/opt/smtpd.conf", start="")
+    # The host's own smtpd, built with /opt/smtpd.conf as its default (same length as Debian's).
+    target.check(
+        'python3 -c \'import sys; b = open("/usr/sbin/smtpd", "rb").read(); '
+        'assert b.count(b"/etc/smtpd.conf\\0") == 1; '
+        'open(sys.argv[1], "wb").write(b.replace(b"/etc/smtpd.conf\\0", b"/opt/smtpd.conf\\0"))\' '
+        "/opt/smtpd && chmod 755 /opt/smtpd && mount --bind /opt/smtpd /usr/sbin/smtpd && "
+        "/usr/sbin/smtpd && for i in $(seq 100); do smtpctl show status >/dev/null 2>&1 && exit 0; "
+        "sleep 0.05; done; exit 1"
+    )
+    report = accept(relay_lab, lab_host, relay=False)
+    text = text_report(report)
+    assert report.config_path == "/opt/smtpd.conf", text
+    summary = fact(report, "config-location")[1]
+    assert "started without -f" in summary and "compiled-in default is /opt/smtpd.conf" in summary
+    assert fact(report, "table:secrets")[0] == "pass" and report.ok, text
+
+
+def test_no_config_where_the_host_says_is_exit_2_and_config_is_taken(
+    relay_lab: Lab, lab_host: LabHost
+) -> None:
+    """FreeBSD's layout (config and tables in /usr/local/etc/mail), smtpd stopped: the binary's
+    default (/etc/smtpd.conf here) does not exist, so the host cannot say; --config can."""
+    conf, files = moved("/usr/local/etc/mail")
+    path = "/usr/local/etc/mail/smtpd.conf"
+    target = make_real(lab_host, conf, files, config_path=path, start="", after="rm /etc/smtpd.conf")
+    before = snapshot(target, "/usr/local/etc/mail")
+    with pytest.raises(AcceptError) as raised:
+        accept(relay_lab, lab_host, relay=False)
+    message = str(raised.value)
+    assert f"root@{lab_host.address}: no smtpd config at /etc/smtpd.conf" in message, message
+    assert "compiled-in default" in message and "pass --config PATH" in message, message
+    report = accept(relay_lab, lab_host, config=path, upstream=PROVIDER)
+    text = text_report(report)
+    assert report.config_path == path and fact(report, "table:secrets")[0] == "pass", text
+    assert fact(report, "service")[0] == "fail"  # it is stopped: the one finding
+    assert fact(report, "relay:relay-external")[0] == "pass", text
+    assert snapshot(target, "/usr/local/etc/mail") == before
+
+
+def test_the_group_smtpd_runs_as_is_the_secrets_tables(relay_lab: Lab, lab_host: LabHost) -> None:
+    """Alpine and Arch name smtpd's group `smtpd`: root:smtpd 640 is right there, root:root not."""
+    target = lab_host.target
+    assert target is not None
+    target.check("groupmod -n smtpd opensmtpd")  # the lab host's own /etc (an overlay of its own)
+    conf, files = moved("/etc/smtpd", group="smtpd")
+    make_real(lab_host, conf, files, config_path="/etc/smtpd/smtpd.conf")
+    report = accept(relay_lab, lab_host, relay=False)
+    assert fact(report, "table:secrets") == (
+        "pass",
+        "table secrets: file:/etc/smtpd/secrets exists, mode 640 root:smtpd (secrets table; content not shown)",
+    ), text_report(report)
+    target.check("chgrp root /etc/smtpd/secrets")
+    broken = accept(relay_lab, lab_host, relay=False)
+    status, summary = fact(broken, "table:secrets")
+    assert status == "fail" and "mode 640 root:root, must be mode 640 root:smtpd" in summary, summary
