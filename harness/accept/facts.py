@@ -195,22 +195,18 @@ def preflight(shell: Shell, config_path: str | None) -> HostFacts:
         )
     )
     facts.service = service_kind(shell)
-    location, running_groups = locate_config(shell, facts.smtpd, facts.service)
-    path = config_path or location.path
-    facts.config_path = path
-    facts.config = read_host_file(shell, path, stat_files(shell, [path])[path])
+    location, running_groups = locate_config(shell, facts.smtpd, facts.service, config_path)
+    facts.config_path = location.path
+    stat = stat_files(shell, [location.path])[location.path]
+    facts.config = read_host_file(shell, location.path, stat)
     if facts.config is None:
         raise AcceptError(
-            f"{shell.name}: no smtpd config at {path}"
-            + (" (--config)" if config_path else f" ({location.how}): pass --config PATH")
+            f"{shell.name}: no smtpd config at {location.path} ({location.how})"
+            + ("" if config_path else ": pass --config PATH")
         )
     facts.smtpd_group, _ = smtpd_group(shell, running_groups)
-    how = "--config" if config_path else location.how
-    if config_path and location.path != config_path:
-        how += f" (the host's smtpd would read {location.path}: {location.how})"
-    facts.facts.append(
-        Fact("config-location", "info", f"config {path}: {how}", location.command, location.output)
-    )
+    summary = f"config {location.path}: {location.how}"
+    facts.facts.append(Fact("config-location", "info", summary, location.command, location.output))
     return facts
 
 

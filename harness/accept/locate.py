@@ -119,9 +119,23 @@ def _from_args(shell: Shell, args: tuple[str, ...], where: str) -> str | None:
     return path
 
 
-def locate_config(shell: Shell, smtpd: str, service: str) -> tuple[Location, set[str]]:
-    """Where the host's smtpd reads its config, and the group(s) its running lookup process has."""
+def locate_config(
+    shell: Shell, smtpd: str, service: str, given: str | None = None
+) -> tuple[Location, set[str]]:
+    """Where the host's smtpd reads its config (`given`: --config, said beside what the host
+    says), and the group(s) its running lookup process has."""
     listing = shell.run(PROCESSES)
+    if given is None:
+        return _ask(shell, smtpd, service, listing)
+    try:
+        own, groups = _ask(shell, smtpd, service, listing)
+    except AcceptError as exc:
+        return Location(given, f"--config (the host does not say: {exc})"), running_smtpds(listing.stdout)[1]
+    how = "--config" if own.path == given else f"--config (the host's smtpd reads {own.path}: {own.how})"
+    return Location(given, how, own.command, own.output), groups
+
+
+def _ask(shell: Shell, smtpd: str, service: str, listing: CommandResult) -> tuple[Location, set[str]]:
     parents, groups = running_smtpds(listing.stdout)
     shown = "\n".join(line for line in listing.stdout.splitlines() if "smtpd" in line)
     if parents:
