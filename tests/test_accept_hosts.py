@@ -144,3 +144,34 @@ def test_the_group_smtpd_runs_as_is_the_secrets_tables(relay_lab: Lab, lab_host:
     broken = accept(relay_lab, lab_host, relay=False)
     status, summary = fact(broken, "table:secrets")
     assert status == "fail" and "mode 640 root:root, must be mode 640 root:smtpd" in summary, summary
+
+
+def test_a_host_without_python3_is_checked_with_its_files_copied(relay_lab: Lab, lab_host: LabHost) -> None:
+    """The sandbox's forwarder is the host's python3; nothing else on the host needs it."""
+    target = make_real(lab_host)
+    target.check("rm -f $(which -a python3 python3.11)")  # the test host's own root (an overlay)
+    report = accept(relay_lab, lab_host, relay_mode="auto")
+    text = text_report(report)
+    assert report.relay_way == WAY_COPY and report.ok, text
+    assert "the host cannot run the relay sandbox (missing on the host: python3)" in " ".join(report.notes)
+
+
+def test_a_config_that_includes_another_file_is_exit_2(relay_lab: Lab, lab_host: LabHost) -> None:
+    """The relay route, its secrets table and a listener live in an included file: the harness
+    does not follow `include`, so it would check (and pass) the host without them."""
+    lines = config().splitlines(keepends=True)
+    relay = "".join(line for line in lines if "secrets" in line)  # the table and the relay action
+    include = 'include "/etc/mail/relay.conf"\n'  # where the table was: before the match using it
+    conf = "".join(
+        include if "table secrets" in line else line
+        for line in lines
+        if "action" not in line or "secrets" not in line
+    )
+    files = (ALIASES, secrets(), BundleFile("/etc/mail/relay.conf", relay.encode()))
+    make_real(lab_host, conf, files)
+    with pytest.raises(AcceptError) as raised:
+        accept(relay_lab, lab_host)
+    message = str(raised.value)
+    assert f"root@{lab_host.address}: /etc/smtpd.conf:" in message and "/etc/mail/relay.conf" in message
+    assert "does not follow include" in message and "--config" in message, message
+    assert "/etc/smtpd.conf:2:" in message  # the include's line

@@ -219,6 +219,15 @@ def gather(shell: Shell, facts: HostFacts, profile: Profile | None, mail_log: st
         facts.findings = lint(facts.parsed)
     except ConfigSyntaxError as exc:
         facts.facts.append(Fact("config-grammar", "warn", f"relay-harness cannot parse the config: {exc}"))
+    if facts.parsed is not None and facts.parsed.includes:
+        # What an included file declares (tables, listeners, relay routes) would go unchecked,
+        # and a host whose relay lives there would pass without its relay ever being tried.
+        first = facts.parsed.includes[0]
+        raise AcceptError(
+            f"{shell.name}: {facts.config_path}:{first.line}: include {first.path!r}: relay-harness "
+            "does not follow include, so the tables, listeners and routes there would go unchecked: "
+            "pass --config PATH of a config without include (each included file's text in its place)"
+        )
     if facts.parsed is not None:
         facts.facts.append(_grammar_fact(facts))
     check = shell.run(f"{shlex.quote(facts.smtpd)} -n -f {shlex.quote(facts.config_path)} 2>&1")
