@@ -175,3 +175,22 @@ def test_a_config_that_includes_another_file_is_exit_2(relay_lab: Lab, lab_host:
     assert f"root@{lab_host.address}: /etc/smtpd.conf:" in message and "/etc/mail/relay.conf" in message
     assert "does not follow include" in message and "--config" in message, message
     assert "/etc/smtpd.conf:2:" in message  # the include's line
+
+
+def test_a_table_reached_through_a_symlink_is_judged_by_the_file(relay_lab: Lab, lab_host: LabHost) -> None:
+    """/etc/mail/secrets -> /srv/mail/secrets (config management keeps the real file elsewhere):
+    smtpd opens the file the link points to, so its mode and owner are the ones that count."""
+    moved_secrets = replace(secrets(), path="/srv/mail/secrets")
+    link = "ln -s /srv/mail/secrets /etc/mail/secrets && /usr/sbin/smtpd -f /etc/smtpd.conf"
+    target = make_real(lab_host, files=(ALIASES, moved_secrets), start=link)
+    before = snapshot(target, "/etc/mail", "/srv/mail")
+    report = accept(relay_lab, lab_host)
+    text = text_report(report)
+    assert fact(report, "table:secrets")[0] == "pass", text
+    assert report.ok, text
+    target.check("chmod 644 /srv/mail/secrets")  # the broken twin: the file itself readable by all
+    broken = accept(relay_lab, lab_host, relay=False)
+    status, summary = fact(broken, "table:secrets")
+    assert status == "fail" and "secrets table is mode 644 root:opensmtpd" in summary, summary
+    target.check("chmod 640 /srv/mail/secrets")
+    assert snapshot(target, "/etc/mail", "/srv/mail") == before

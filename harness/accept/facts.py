@@ -127,7 +127,8 @@ def version_tuple(version: str) -> tuple[int, int] | None:
 
 
 # -- reading ------------------------------------------------------------------------------------
-STAT = "stat -c '%a %U %G %Y %s' -- {p} 2>/dev/null || stat -f '%Lp %Su %Sg %m %z' -- {p}"
+# -L: a table or config reached through a symlink is judged by the file smtpd opens, not the link.
+STAT = "stat -L -c '%a %U %G %Y %s' -- {p} 2>/dev/null || stat -L -f '%Lp %Su %Sg %m %z' -- {p}"
 
 
 def stat_files(shell: Shell, paths: Iterable[str]) -> dict[str, FileStat | None]:
