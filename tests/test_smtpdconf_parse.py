@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from smtpd_helpers import ARTICLE, needs_smtpd, smtpd_check
 
+from harness.smtpdconf import auth_tables
 from harness.smtpdconf.parse import (
     Action,
     ConfigSyntaxError,
@@ -203,6 +204,18 @@ def test_relay_host_as_table_and_inline_list() -> None:
     actions = parse_config(text).actions
     assert actions["r"].host == Literal(("smtp://a", "smtp://b"), 1)
     assert actions["s"].host == TableRef("hosts", 2)
+
+
+def test_auth_labels_come_from_every_url_smtpd_may_dial_a_host_table_too() -> None:
+    """A label in `host <table>` is asked of the auth table like one in `host URL`: a secrets
+    table synthesized without it fails with `credentials not found for secrets:LABEL`."""
+    text = (
+        "table secrets file:/etc/mail/secrets\n"
+        'table relays { "smtp+tls://perso@smtp.example.net:587", "smtps://backup@mx2.example.net" }\n'
+        'action "t" relay host <relays> auth <secrets>\n'
+        'action "u" relay host smtp+tls://direct@smtp.example.net:587 auth <secrets>\n'
+    )
+    assert auth_tables(parse_config(text)) == {"secrets": {"perso", "backup", "direct"}}
 
 
 def test_backup_and_domain() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from harness.smtpdconf.expect import relay_urls
 from harness.smtpdconf.parse import Config, Literal
 from harness.smtpdconf.relayurl import RelayUrlError, parse_relay_url
 
@@ -18,22 +19,21 @@ MAX_ALIAS_DEPTH = 8
 
 
 def auth_tables(config: Config) -> dict[str, set[str]]:
-    """auth table name → labels the relay URLs ask it for."""
+    """auth table name → labels the relay URLs ask it for (`host URL`, or each URL of a `host
+    <table>` or `domain <table>` the config holds)."""
     out: dict[str, set[str]] = {}
     for action in config.relay_actions:
         auth = action.auth
         if auth is None or isinstance(auth, Literal):
             continue
         labels = out.setdefault(auth.name, set())
-        host = action.host
-        if isinstance(host, Literal):
-            for text in host.values:
-                try:
-                    url = parse_relay_url(text)
-                except RelayUrlError:
-                    continue
-                if url.label:
-                    labels.add(url.label)
+        for text in relay_urls(config, action) or ():
+            try:
+                url = parse_relay_url(text)
+            except RelayUrlError:
+                continue
+            if url.label:
+                labels.add(url.label)
     return out
 
 
