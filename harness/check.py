@@ -42,6 +42,7 @@ from harness.smtpdconf import (
 )
 from harness.smtpdconf.parse import WIDEST_GRAMMAR
 from harness.targets.base import Bundle, BundleFile, Target
+from harness.targets.testnet import CANNOT
 from harness.upstream import Profile
 from harness.userfiles import read_bytes, read_text
 
@@ -111,6 +112,16 @@ def read_tables(tables: dict[str, Path]) -> dict[str, bytes]:
     return {name: read_text(path, flag=f"--table {name}=").encode() for name, path in tables.items()}
 
 
+def parse_check_config(inp: CheckInput, errors: list[ConfigSyntaxError] | None = None) -> Config:
+    """The config as smtpd reads it: a file an `include` line names is read from its --file."""
+
+    def included(path: str) -> str | None:
+        local = inp.files.get(path)
+        return None if local is None else read_text(local, flag=f"--file {path}=")
+
+    return parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR, errors, included)
+
+
 def check_input(inp: CheckInput) -> None:
     """What can be known wrong before a test host is built (CheckUsageError, exit 2).
 
@@ -120,9 +131,16 @@ def check_input(inp: CheckInput) -> None:
     A config the harness cannot parse is smtpd's to judge: nothing is checked then.
     """
     try:
-        config = parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR)
+        config = parse_check_config(inp)
     except ConfigSyntaxError:
         return
+    for include in config.includes:
+        if include.path.startswith("/") and include.path not in inp.files:
+            raise CheckUsageError(
+                f"{CANNOT} {include.path}, the file {inp.config_path} includes (line {include.line}): "
+                f"it is part of the config, on the host it ships to; give it with "
+                f"--file {include.path}=LOCAL"
+            )
     usable = declared_tables(config)
     for name in inp.tables:
         table = config.tables.get(name)
@@ -239,13 +257,13 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
     report = CheckReport(str(inp.config_path), target.name, "fail")
     config: Config | None
     try:
-        config = parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR)
+        config = parse_check_config(inp)
         report.findings = lint(config)
     except ConfigSyntaxError as exc:
         config = None
         report.notes.append(f"relay-harness could not parse the config ({exc}); smtpd decides")
     if config is None:  # what can be read of it: its files still go where it names them
-        readable = parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR, errors=[])
+        readable = parse_check_config(inp, errors=[])
         bundle, profile, notes, redactor = check_bundle(readable, inp, pki, partial=True)
     else:
         bundle, profile, notes, redactor = check_bundle(config, inp, pki)

@@ -218,6 +218,23 @@ def test_auth_labels_come_from_every_url_smtpd_may_dial_a_host_table_too() -> No
     assert auth_tables(parse_config(text)) == {"secrets": {"perso", "backup", "direct"}}
 
 
+def test_an_included_file_given_is_read_where_the_include_stands() -> None:
+    """smtpd reads an included file in place: its tables and actions are the config's, its
+    errors name it; a file not given is recorded only, and a file including itself ends."""
+    files = {
+        "/etc/smtpd/site.conf": 'table secrets file:/etc/smtpd/secrets\ninclude "/etc/smtpd/site.conf"\n',
+        "/etc/smtpd/bad.conf": "\n\nlisten on any\n",
+    }
+    text = 'include "/etc/smtpd/site.conf"\ninclude "/etc/smtpd/other.conf"\naction "r" relay\n'
+    config = parse_config(text, include=files.get)
+    assert config.tables["secrets"].line == 1
+    assert [i.path for i in config.includes][:3] == ["/etc/smtpd/site.conf"] * 3
+    assert "/etc/smtpd/other.conf" in [i.path for i in config.includes]
+    assert "secrets" not in parse_config(text).tables
+    with pytest.raises(ConfigSyntaxError, match=r"^/etc/smtpd/bad.conf:3: syntax error"):
+        parse_config('include "/etc/smtpd/bad.conf"\n', include=files.get)
+
+
 def test_backup_and_domain() -> None:
     text = 'action "b" relay backup mx "mx2.example.org"\naction "d" relay domain <routes>\n'
     actions = parse_config(text).actions

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal as TypingLiteral
 
@@ -237,7 +237,8 @@ class Match:
 
 @dataclass(frozen=True)
 class Include:
-    """`include "FILE"`: recorded, not followed (the file may live on another host)."""
+    """`include "FILE"`: followed where its text is given (parse_config's `include`), as smtpd
+    reads it in place; else recorded only (the file lives on the host the config ships to)."""
 
     path: str
     line: int
@@ -979,11 +980,17 @@ class _Builder:
     """Collects statements into the dicts and lists that become a Config."""
 
     def __init__(
-        self, path: str, grammar: str = DEFAULT_GRAMMAR, errors: list[ConfigSyntaxError] | None = None
+        self,
+        path: str,
+        grammar: str = DEFAULT_GRAMMAR,
+        errors: list[ConfigSyntaxError] | None = None,
+        include: Callable[[str], str | None] | None = None,
     ) -> None:
         self.path = path
         self.grammar = grammar
         self.errors = errors
+        self.include = include
+        self._depth = 0
         self.tables: dict[str, Table] = {}
         self.actions: dict[str, Action] = {}
         self.pkis: dict[str, Pki] = {}
@@ -1014,6 +1021,24 @@ class _Builder:
             else:
                 raise
         self.statements.append(statement)
+        if isinstance(statement, Include):
+            self._follow(statement)
+
+    def feed(self, text: str, path: str) -> None:
+        _feed(self, text, path)
+
+    def _follow(self, include: Include) -> None:
+        """The included file's statements, read with its own name (smtpd's errors say FILE:LINE)."""
+        text = self.include(include.path) if self.include is not None else None
+        if text is None or self._depth >= MAX_INCLUDE_DEPTH:
+            return
+        outer, self.path = self.path, include.path
+        self._depth += 1
+        try:
+            self.feed(text, include.path)
+        finally:
+            self._depth -= 1
+            self.path = outer
 
     def _reduced_prefix(self, tokens: list[Token], index: int) -> Statement | None:
         """The statement yacc had reduced when it met tokens[index], if any (TrailingSyntaxError)."""
@@ -1092,8 +1117,13 @@ def parse_config(
     path: str = "smtpd.conf",
     grammar: str = DEFAULT_GRAMMAR,
     errors: list[ConfigSyntaxError] | None = None,
+    include: Callable[[str], str | None] | None = None,
 ) -> Config:
     """Parse smtpd.conf text; raise ConfigSyntaxError where smtpd's grammar (GRAMMARS) would.
+
+    `include` gives the text of a file an `include "FILE"` line names (None: not known here):
+    its statements count where the line stands, as smtpd's own parser reads them, so its tables
+    and actions are the config's (with lines of that file, errors naming it).
 
     References (undefined actions and tables) are not errors here: they are
     the linter's job, so one run can report all of them. With `errors`, a
@@ -1102,8 +1132,19 @@ def parse_config(
     """
     if grammar not in GRAMMARS:
         raise ValueError(f"grammar {grammar!r}: one of {', '.join(GRAMMARS)}")
-    builder = _Builder(path, grammar, errors)
+    builder = _Builder(path, grammar, errors, include)
+    builder.feed(text, path)
+    return builder.build()
+
+
+# smtpd's pushfile() has no limit; a file including itself would recurse forever here
+MAX_INCLUDE_DEPTH = 8
+
+
+def _feed(builder: _Builder, text: str, path: str) -> None:
+    """Every statement of one file (the config, or a file it includes) into `builder`."""
     lexer = _Lexer(text, path, builder.macros)
+    errors = builder.errors
     while True:
         try:
             tokens = lexer.statement()
@@ -1124,7 +1165,6 @@ def parse_config(
         if tokens is None:
             break
         builder.add(tokens)
-    return builder.build()
 
 
 def parse_file(path: str | os.PathLike[str]) -> Config:

@@ -87,8 +87,14 @@ class Bundle:
 
         if self.config is None:
             return None
+        given = {f.path: f.content for f in self.files}
+
+        def included(path: str) -> str | None:  # an `include` line's file, if the bundle has it
+            content = given.get(path)
+            return None if content is None else content.decode("utf-8", "surrogateescape")
+
         try:
-            return parse_config(self.config, self.config_path, WIDEST_GRAMMAR)
+            return parse_config(self.config, self.config_path, WIDEST_GRAMMAR, include=included)
         except ConfigSyntaxError:
             return None
 
