@@ -20,6 +20,7 @@ from harness.targets.base import (
     ConfigCheck,
     LogFollower,
     OutgoingMail,
+    StartFailed,
     StartRefused,
     Target,
     TargetError,
@@ -115,6 +116,11 @@ def relay_run(
             log = target.start(bundle.config_path)
         except StartRefused as refused:  # accepted by smtpd -n, refused when smtpd starts
             raise ConfigRejected(target.name, refused.check, "smtpd start") from None
+        except StartFailed as failed:  # a backend's server missing: the same words, early or late
+            why = backend_server_why(failed.lines, bundle)
+            if why is None:
+                raise
+            raise SmtpdExited(target.name, why) from None
         try:
             yield RelayRun(target, upstream, log, check)
         except TargetError as exc:
@@ -144,23 +150,35 @@ _BACKEND_FATAL = re.compile(r"^(?P<table>[^\s\[]+)\[\d+\]: fatalx?: (?P<why>.+)$
 
 
 def exited_why(lines: list[str], bundle: Bundle) -> str:
-    """smtpd's own line for why it exited, and whose fault: a backend that cannot reach its
-    server (ldap:, mysql:, postgres:, redis:) needs a server the test host does not run."""
+    """smtpd's own line for why it exited, and whose fault."""
     # here, not at the top: harness.targets.smtpd imports paramiko, which the emulated path never needs
     from harness.targets.smtpd import startup_failure
 
-    cause = startup_failure(lines) or "no reason logged"
+    why = backend_server_why(lines, bundle)
+    if why is not None:
+        return why
+    return f"smtpd exited while the probes ran: `{startup_failure(lines) or 'no reason logged'}`"
+
+
+def backend_server_why(lines: list[str], bundle: Bundle) -> str | None:
+    """A table backend that cannot reach its server (ldap:, mysql:, postgres:, redis:) needs a
+    server the test host does not run: that, with smtpd's line, or None if that is not why."""
+    from harness.targets.smtpd import startup_failure
+
+    cause = startup_failure(lines)
+    m = _BACKEND_FATAL.match(cause or "")
     config = bundle.parsed
-    m = _BACKEND_FATAL.match(cause)
-    table = next((b for b in backends(config) if m and b.table == m.group("table")), None) if config else None
-    if table is not None and table.backend in SERVER_BACKENDS:
-        return (
-            f"{CANNOT} the {table.backend} server of table {table.table} (line {table.line}): smtpd "
-            f"exited, its table-{table.backend} said `{cause}`; a test host reaches no server but the "
-            f"fake upstream: test with a file: table of the same content (--table {table.table}=FILE "
-            "and `file:` in a copy of the config), or where that server runs (--target ssh://USER@HOST)"
-        )
-    return f"smtpd exited while the probes ran: `{cause}`"
+    if m is None or config is None:
+        return None
+    table = next((b for b in backends(config) if b.table == m.group("table")), None)
+    if table is None or table.backend not in SERVER_BACKENDS:
+        return None
+    return (
+        f"{CANNOT} the {table.backend} server of table {table.table} (line {table.line}): smtpd "
+        f"exited, its table-{table.backend} said `{cause}`; a test host reaches no server but the "
+        f"fake upstream: test with a file: table of the same content (--table {table.table}=FILE "
+        "and `file:` in a copy of the config), or where that server runs (--target ssh://USER@HOST)"
+    )
 
 
 # Backends that talk to a server of their own (the others read a file: sqlite, passwd).

@@ -122,6 +122,16 @@ class ConfigCheck:
         return cls(False, text, None, last)
 
 
+class StartFailed(TargetError):
+    """smtpd did not become ready, for a reason that is not the config's (or not known to be);
+    `lines` is what it logged, for a caller that knows the config to explain (a table backend
+    whose server the host lacks gives up at start or a moment later, as the machine's load has it)."""
+
+    def __init__(self, message: str, lines: list[str]) -> None:
+        super().__init__(message)
+        self.lines = lines
+
+
 class StartRefused(TargetError):
     """smtpd accepted the config (`smtpd -n`) but exited while starting with it: the config's fault.
 

@@ -27,6 +27,7 @@ from harness.targets.base import (
     Handshake,
     LogFollower,
     OutgoingMail,
+    StartFailed,
     StartRefused,
     Submission,
     Target,
@@ -492,7 +493,8 @@ class SmtpdTarget(Target):
                 raise StartRefused(self.name, ConfigCheck(False, refusal, None, refusal)) from None
             cause = startup_failure(self.log.lines)
             head = f"smtpd did not start: {cause}" if cause else "smtpd did not start"
-            raise TargetError(f"{self.name}: {self.redact(head)}\n{self.redact(str(exc))}") from None
+            said = f"{self.name}: {self.redact(head)}\n{self.redact(str(exc))}"
+            raise StartFailed(said, [self.redact(line) for line in self.log.lines]) from None
         return self.log
 
     def submit(self, mail: OutgoingMail) -> str:
