@@ -7,16 +7,19 @@ decoy and reports a healthy host it never looked at. The host must say where its
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
-from test_accept import ALIASES, PROVIDER, accept, config, fact, make_real, secrets
+from test_accept import ALIASES, PROVIDER, accept, config, fact, lab_factory, make_real, secrets
 
 from harness.accept.facts import AcceptError
 from harness.accept.locate import config_option, systemd_exec_start
-from harness.accept.run import WAY_COPY, WAY_SANDBOX
+from harness.accept.run import WAY_COPY, WAY_SANDBOX, AcceptOptions, run_accept
+from harness.pki import TestPki
 from harness.report import accept_text as text_report
-from harness.targets.base import BundleFile
+from harness.targets.base import BundleFile, Target
 from harness.targets.lab import Lab, LabHost
 from harness.targets.smtpd import SmtpdTarget
 
@@ -140,6 +143,26 @@ def test_the_group_smtpd_runs_as_is_the_secrets_tables(relay_lab: Lab, lab_host:
     report = accept(relay_lab, lab_host, relay=False)
     status, summary = fact(report, "table:secrets")
     assert status == "pass" and "/etc/smtpd/secrets exists, mode 640 root:smtpd" in summary, summary
+    copied: list[str] = []
+    copy = lab_factory(relay_lab)
+
+    @contextmanager
+    def recording(pki: TestPki, release: str | None) -> Iterator[Target]:
+        with copy(pki, release) as lab_target:
+            yield lab_target
+            assert isinstance(lab_target, SmtpdTarget)
+            copied.append(lab_target.run("stat -c '%a %U %G' /etc/smtpd/secrets").stdout.strip())
+
+    options = AcceptOptions(
+        f"ssh://root@{lab_host.address}",
+        identity=relay_lab.dir / "id_ed25519",
+        known_hosts=relay_lab.dir / "known_hosts",
+        upstream=PROVIDER,
+        relay_mode="lab",
+    )
+    relayed = run_accept(options, recording)
+    assert relayed.ok, text_report(relayed)
+    assert copied == ["640 root opensmtpd"]  # the lab host's own smtpd group, as on the host
     target.check("chgrp root /etc/smtpd/secrets")
     broken = accept(relay_lab, lab_host, relay=False)
     status, summary = fact(broken, "table:secrets")

@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,20 @@ def test_the_scenario_library_runs_on_a_staging_host(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 passed" in proc.stdout, proc.stdout
     assert "lab:" not in proc.stdout  # no fallback: both ran on the host
+
+
+def test_check_on_a_host_whose_smtpd_group_is_named_smtpd(
+    relay_lab: Lab, lab_host: LabHost, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Alpine and Arch call smtpd's group `smtpd`: the secrets table (root:_smtpd in the bundle)
+    goes to that group, as to `opensmtpd` on Debian."""
+    from test_accept import ALIASES, secrets
+
+    assert lab_host.target is not None
+    lab_host.target.check("groupmod -n smtpd opensmtpd")  # the test host's own /etc
+    target = make_real(lab_host, files=(ALIASES, replace(secrets(), group="smtpd")))
+    files = snapshot(target)
+    rc, report, out = check(relay_lab, lab_host, "good.conf", tmp_path, capsys)
+    assert rc == 0, out
+    assert str(report["target"]).startswith("sandbox on root@"), out
+    assert snapshot(target) == files

@@ -18,7 +18,7 @@ import shlex
 from dataclasses import dataclass
 
 from harness.accept.errors import AcceptError
-from harness.targets.shell import CommandResult, Shell
+from harness.targets.shell import SMTPD_GROUP_NAMES, CommandResult, Shell
 
 # Where a config lives when nothing on the host says: each system's packaged default.
 CONFIG_CANDIDATES = (
@@ -27,9 +27,8 @@ CONFIG_CANDIDATES = (
     "/etc/smtpd/smtpd.conf",  # Alpine, Arch, Fedora
     "/usr/local/etc/mail/smtpd.conf",  # FreeBSD
 )
-# The group smtpd's unprivileged processes run as, by system (OpenBSD and FreeBSD, Debian,
-# Alpine and Arch): a secrets table must be readable by it.
-SMTPD_GROUPS = ("_smtpd", "opensmtpd", "smtpd")
+# The group smtpd's unprivileged processes run as, by system: a secrets table must be readable by it.
+SMTPD_GROUPS = SMTPD_GROUP_NAMES[0]
 # smtpd's options that take an argument (smtpd.c's getopt string "B:dD:hnP:f:FT:v").
 _WITH_ARGUMENT = "BDPfT"
 # The group as a number: ps cuts long names to fit its column (`opensmt+`).

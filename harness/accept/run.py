@@ -34,7 +34,7 @@ from harness.targets import CONNECT_TIMEOUT
 from harness.targets.base import Bundle, Target, TargetError
 from harness.targets.sandbox import SandboxCapability, probe_capability, sandbox_target
 from harness.targets.select import lab_target
-from harness.targets.shell import Shell, as_root, connect
+from harness.targets.shell import SMTPD_GROUP_NAMES, Shell, as_root, connect
 from harness.targets.smtpd import EnclosureLimit
 from harness.upstream import Credential, Profile, UpstreamError, load_profile
 
@@ -47,8 +47,10 @@ WAY_SANDBOX = (
 )
 WAY_NONE = "relay not checked"
 SBIN_PATH = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-# Users and groups a lab host has; other owners of copied files become root there.
+# Users and groups a lab host has; other owners of copied files become root there. smtpd's
+# groups by any system's name: the lab host gives the file to its own (Shell._group_name).
 KNOWN_OWNERS = {"root", "_smtpd", "_smtpq", "opensmtpd", "opensmtpq"}
+KNOWN_GROUPS = {"root", *(g for family in SMTPD_GROUP_NAMES for g in family)}
 
 
 # -- the relay, on a copy -----------------------------------------------------------------------
@@ -86,6 +88,10 @@ def _owner(name: str) -> str:
     return name if name in KNOWN_OWNERS else "root"
 
 
+def _group(name: str) -> str:
+    return name if name in KNOWN_GROUPS else "root"
+
+
 def host_bundle(facts: HostFacts) -> Bundle:
     """The host's config and tables as read, with their modes and owners, for a copy in the lab."""
     assert facts.config is not None
@@ -94,10 +100,10 @@ def host_bundle(facts: HostFacts) -> Bundle:
         f, source = t.file, t.source
         if f is None:
             continue
-        meta = (f.stat.mode, _owner(f.stat.owner), _owner(f.stat.group))
+        meta = (f.stat.mode, _owner(f.stat.owner), _group(f.stat.group))
         if t.backend == "db":
             smeta = (
-                (source.stat.mode, _owner(source.stat.owner), _owner(source.stat.group)) if source else None
+                (source.stat.mode, _owner(source.stat.owner), _group(source.stat.group)) if source else None
             )
             content = source.content if source else b""
             tables[t.name] = TableInput(content, meta, built=f.content, source_meta=smeta)

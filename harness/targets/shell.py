@@ -27,8 +27,17 @@ from harness.targets import CONNECT_TIMEOUT
 from harness.targets.base import LogFollower, TargetError
 from harness.userfiles import read_bytes, read_text
 
-# OpenBSD's names for smtpd's users and groups; a config written there says root:_smtpd.
-OPENBSD_GROUPS = {"_smtpd": "opensmtpd", "_smtpq": "opensmtpq"}
+# Each system's names for smtpd's two groups (OpenBSD and FreeBSD, Debian, Alpine and Arch): a
+# file made for one (a config written on OpenBSD says root:_smtpd) gets whichever the host has.
+SMTPD_GROUP_NAMES = (("_smtpd", "opensmtpd", "smtpd"), ("_smtpq", "opensmtpq", "smtpq"))
+
+
+def group_alternatives(group: str) -> tuple[str, ...]:
+    """`group`, then the other systems' names for it (just `group` for any other group)."""
+    for family in SMTPD_GROUP_NAMES:
+        if group in family:
+            return (group, *(g for g in family if g != group))
+    return (group,)
 
 
 @dataclass(frozen=True)
@@ -209,20 +218,21 @@ class Shell:
                 sftp.mkdir(path, 0o755)
 
     def _group_name(self, group: str) -> str:
-        """OpenBSD's `_smtpd` is Debian's `opensmtpd`: mapped when the host lacks the name."""
-        fallback = OPENBSD_GROUPS.get(group)
-        if fallback is None:
+        """OpenBSD's `_smtpd` is Debian's `opensmtpd` and Alpine's `smtpd`: the first the host has."""
+        names = group_alternatives(group)
+        if len(names) == 1:
             return group
-        probe = self.run(f"getent group {shlex.quote(group)} >/dev/null")
-        return group if probe.returncode == 0 else fallback
+        quoted = " ".join(shlex.quote(g) for g in names)
+        probe = self.run(f"for g in {quoted}; do getent group $g >/dev/null && echo $g && break; done")
+        return probe.stdout.strip() or group
 
     def ids(self, owner: str, group: str) -> tuple[int, int]:
         """Numeric ids for SFTP's chown, looked up once per name (group mapped as above)."""
         key = (owner, group)
         if key not in self._ids:
-            fallback = OPENBSD_GROUPS.get(group, group)
-            q, g, f = shlex.quote(owner), shlex.quote(group), shlex.quote(fallback)
-            out = self.check(f"id -u {q}; (getent group {g} || getent group {f}) | cut -d: -f3 | head -n1")
+            q = shlex.quote(owner)
+            groups = " || ".join(f"getent group {shlex.quote(g)}" for g in group_alternatives(group))
+            out = self.check(f"id -u {q}; ({groups}) | cut -d: -f3 | head -n1")
             lines = out.stdout.split()
             if len(lines) != 2 or not all(x.isdigit() for x in lines):
                 raise TargetError(f"{self.name}: no such user or group {owner}:{group}")
