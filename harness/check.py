@@ -36,6 +36,7 @@ from harness.smtpdconf import (
     alias_problem,
     alias_tables,
     auth_tables,
+    line_ending_findings,
     lint,
     parse_aliases,
     parse_config,
@@ -209,7 +210,10 @@ def check_bundle(
                 f"table {table.name}: never used by the config; installed empty so smtpd can open it"
             )
             tables[table.name] = TableInput(b"")
-        elif not partial:
+        elif partial:  # empty, so smtpd names the config's own error, not this missing file
+            notes.append(f"table {table.name}: not given; installed empty: smtpd refuses the config")
+            tables[table.name] = TableInput(b"")
+        else:
             raise CheckUsageError(
                 f"the config's table {table.name!r} (line {table.line}, {table.backend}:{table.config}) "
                 f"needs content: pass --table {table.name}=FILE"
@@ -261,12 +265,16 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
         report.findings = lint(config)
     except ConfigSyntaxError as exc:
         config = None
+        report.findings = line_ending_findings(inp.config_text)
         report.notes.append(f"relay-harness could not parse the config ({exc}); smtpd decides")
     if config is None:  # what can be read of it: its files still go where it names them
         readable = parse_check_config(inp, errors=[])
         bundle, profile, notes, redactor = check_bundle(readable, inp, pki, partial=True)
     else:
-        bundle, profile, notes, redactor = check_bundle(config, inp, pki)
+        # a statement of no grammar (`host ...` after a continuation lost to a trailing blank) is
+        # smtpd's syntax error: what the rest names is installed, what it lost is not asked for
+        unknown = any(raw.kind == "unknown" for raw in config.raw)
+        bundle, profile, notes, redactor = check_bundle(config, inp, pki, partial=unknown)
     report.notes.extend(notes)
     probes, probe_notes = plan_probes(bundle, config, given_aliases(config, inp))
     report.notes.extend(probe_notes)

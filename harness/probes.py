@@ -103,6 +103,14 @@ FAILURES: tuple[Failure, ...] = (
         "the action says `tls` but the URL is plain: drop one of them",
     ),
     Failure(
+        "no smarthost",
+        # a relay action without `host` delivers by MX: smtpd asks DNS for the recipient domain's
+        # MX (a test host answers no DNS, and a smarthost setup needs none)
+        r"MX lookup|No MX found for domain",
+        "the relay action has no `host`, so smtpd delivers by MX itself instead of through the "
+        "provider: add `host smtp+tls://LABEL@PROVIDER:587 auth <secrets>` to it",
+    ),
+    Failure(
         "provider unreachable",
         r"mta error reason=(?!.*Connection reset)",
         "smtpd could not talk to the provider; see the quoted reason",

@@ -59,6 +59,8 @@ def _cases() -> dict[str, Case]:
                 f"{c['name']}: the edit {old!r} must occur once in {base['config']}"
             )
             config = config.replace(old, new)
+        if c.get("crlf", False):  # the file as a Windows editor saves it
+            config = config.replace("\n", "\r\n")
         cases[c["name"]] = Case(
             c["name"],
             c["about"],

@@ -15,6 +15,7 @@ from harness.smtpdconf import (
     Config,
     Finding,
     expectations,
+    line_ending_findings,
     lint,
     lint_text,
     parse_config,
@@ -299,6 +300,16 @@ def test_extra_conditions_make_a_match_narrower() -> None:
 def test_lint_text_turns_syntax_errors_into_a_finding() -> None:
     (finding,) = lint_text("action relay relay\n", "x.conf")
     assert (finding.rule, finding.line, finding.smtpd_says) == ("syntax", 1, "x.conf:1: syntax error")
+
+
+def test_crlf_line_endings_are_named_at_the_line_smtpd_blames() -> None:
+    """smtpd's own word for a Windows-saved file is a bare `syntax error`, on the first line
+    whose CR is not inside a comment (a CR in a comment is read as comment)."""
+    text = "# saved on Windows\r\ntable aliases file:/etc/aliases\r\n"
+    crlf, syntax = lint_text(text, "x.conf")
+    assert (crlf.rule, crlf.line, syntax.rule, syntax.line) == ("crlf", 2, "syntax", 2)
+    assert "dos2unix" in crlf.hint
+    assert not line_ending_findings("# only a comment\r\ntable aliases file:/etc/aliases\n")
 
 
 def test_listen_lo0_is_a_warning() -> None:

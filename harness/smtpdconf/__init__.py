@@ -4,7 +4,7 @@ from harness.smtpdconf import parse_file, lint, expectations
 """
 
 from harness.smtpdconf.expect import RelayExpectation, expectations, relay_urls, rewrite_sender, smarthosts
-from harness.smtpdconf.lint import Finding, covers, lint, lint_text
+from harness.smtpdconf.lint import Finding, covers, line_ending_findings, lint, lint_text
 from harness.smtpdconf.needs import (
     EXTRAS_BACKENDS,
     Account,
@@ -99,6 +99,7 @@ __all__ = [
     "expand",
     "expectations",
     "is_local_user",
+    "line_ending_findings",
     "lint",
     "lint_text",
     "listen_needs",

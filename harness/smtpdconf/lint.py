@@ -101,12 +101,40 @@ def lint(config: Config) -> list[Finding]:
     return sorted(findings, key=lambda f: (f.line, f.rule))
 
 
+def line_ending_findings(text: str) -> list[Finding]:
+    """A file saved with Windows line endings: smtpd reads each CR as a stray character, a bare
+    `syntax error` on the first line that has one outside a comment, which says nothing of why."""
+    line = next(
+        (
+            n
+            for n, words in enumerate(text.split("\n"), 1)
+            if "\r" in words and "#" not in words[: words.index("\r")]
+        ),
+        None,
+    )
+    if line is None:
+        return []
+    return [
+        Finding(
+            "crlf",
+            line,
+            "error",
+            "the file has Windows (CRLF) line endings: smtpd reads each CR as a stray character",
+            "convert it to Unix line endings: `sed -i 's/\\r$//' FILE` (or `dos2unix FILE`)",
+            "syntax error",
+            "check",
+        )
+    ]
+
+
 def lint_text(text: str, path: str = "smtpd.conf") -> list[Finding]:
-    """Parse and lint; a grammar error becomes a single `syntax` finding."""
+    """Parse and lint; a grammar error becomes a single `syntax` finding (after why, where the
+    file's line endings are the cause)."""
     try:
         config = parse_config(text, path)
     except ConfigSyntaxError as exc:
         return [
+            *line_ending_findings(text),
             Finding(
                 "syntax",
                 exc.line,
@@ -115,7 +143,7 @@ def lint_text(text: str, path: str = "smtpd.conf") -> list[Finding]:
                 "smtpd stops reading the rule at this point; see smtpd.conf(5)",
                 str(exc),
                 "check",
-            )
+            ),
         ]
     return lint(config)
 
