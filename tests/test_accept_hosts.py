@@ -179,9 +179,8 @@ def test_a_host_without_python3_is_checked_with_its_files_copied(relay_lab: Lab,
     assert "the host cannot run the relay sandbox (missing on the host: python3)" in " ".join(report.notes)
 
 
-def test_a_config_that_includes_another_file_is_exit_2(relay_lab: Lab, lab_host: LabHost) -> None:
-    """The relay route, its secrets table and a listener live in an included file: the harness
-    does not follow `include`, so it would check (and pass) the host without them."""
+def included_config() -> tuple[str, tuple[BundleFile, ...]]:
+    """test_accept's config with its secrets table and relay action in an included file."""
     lines = config().splitlines(keepends=True)
     relay = "".join(line for line in lines if "secrets" in line)  # the table and the relay action
     include = 'include "/etc/mail/relay.conf"\n'  # where the table was: before the match using it
@@ -190,14 +189,40 @@ def test_a_config_that_includes_another_file_is_exit_2(relay_lab: Lab, lab_host:
         for line in lines
         if "action" not in line or "secrets" not in line
     )
-    files = (ALIASES, secrets(), BundleFile("/etc/mail/relay.conf", relay.encode()))
-    make_real(lab_host, conf, files)
+    return conf, (ALIASES, secrets(), BundleFile("/etc/mail/relay.conf", relay.encode(), 0o640))
+
+
+@pytest.mark.parametrize("relay_mode", ["lab", "sandbox"])
+def test_a_config_that_includes_another_file_is_followed(
+    relay_lab: Lab, lab_host: LabHost, relay_mode: str
+) -> None:
+    """The relay route and its secrets table live in an included file: read from the host and
+    followed as smtpd does (they passed unchecked, the relay never tried), copied with the config."""
+    conf, files = included_config()
+    target = make_real(lab_host, conf, files)
+    before = snapshot(target, "/etc/mail")
+    report = accept(relay_lab, lab_host, relay_mode=relay_mode)
+    text = text_report(report)
+    assert fact(report, "include:/etc/mail/relay.conf")[0] == "pass", text
+    assert fact(report, "table:secrets")[0] == "pass", text
+    assert fact(report, "relay:relay-external")[0] == "pass", text
+    assert "/etc/mail/relay.conf" in fact(report, "host-unchanged")[1]
+    assert report.ok, text
+    target.check("chmod 644 /etc/mail/secrets")  # the broken twin: the included table's mode
+    broken = accept(relay_lab, lab_host, relay=False)
+    assert fact(broken, "table:secrets")[0] == "fail" and not broken.ok
+    target.check("chmod 640 /etc/mail/secrets")
+    assert snapshot(target, "/etc/mail") == before
+
+
+def test_a_relative_include_is_exit_2(relay_lab: Lab, lab_host: LabHost) -> None:
+    conf, files = included_config()
+    make_real(lab_host, conf.replace('"/etc/mail/relay.conf"', '"relay.conf"'), files, start="")
     with pytest.raises(AcceptError) as raised:
-        accept(relay_lab, lab_host)
+        accept(relay_lab, lab_host, relay=False)
     message = str(raised.value)
-    assert f"root@{lab_host.address}: /etc/smtpd.conf:" in message and "/etc/mail/relay.conf" in message
-    assert "does not follow include" in message and "--config" in message, message
-    assert "/etc/smtpd.conf:2:" in message  # the include's line
+    assert f"root@{lab_host.address}: /etc/smtpd.conf:2: include 'relay.conf' is a relative path" in message
+    assert "pass --config" in message
 
 
 def test_a_table_reached_through_a_symlink_is_judged_by_the_file(relay_lab: Lab, lab_host: LabHost) -> None:
@@ -217,3 +242,13 @@ def test_a_table_reached_through_a_symlink_is_judged_by_the_file(relay_lab: Lab,
     assert status == "fail" and "secrets table is mode 644 root:opensmtpd" in summary, summary
     target.check("chmod 640 /srv/mail/secrets")
     assert snapshot(target, "/etc/mail", "/srv/mail") == before
+
+
+def test_an_included_file_that_is_missing_fails_as_smtpd_does(relay_lab: Lab, lab_host: LabHost) -> None:
+    """The config's fault (smtpd -n refuses it too): exit 1 with both facts, not exit 2."""
+    conf, files = included_config()
+    make_real(lab_host, conf, files, start="", after="rm /etc/mail/relay.conf")
+    report = accept(relay_lab, lab_host, relay=False)
+    status, summary = fact(report, "include:/etc/mail/relay.conf")
+    assert status == "fail" and "the file does not exist" in summary, summary
+    assert fact(report, "smtpd-n")[0] == "fail" and not report.ok

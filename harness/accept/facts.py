@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -109,6 +109,7 @@ class HostFacts:
     parsed: Config | None = None
     findings: list[Finding] = field(default_factory=list)
     tables: list[TableFacts] = field(default_factory=list)
+    includes: list[HostFile] = field(default_factory=list)  # files `include` lines name, as read
     service: str = ""
     smtpd_group: str = "opensmtpd"
     facts: list[Fact] = field(default_factory=list)
@@ -116,6 +117,7 @@ class HostFacts:
     def read_files(self) -> list[HostFile]:
         """Every file read from the host, for the unchanged-afterwards check."""
         files = [self.config] if self.config else []
+        files.extend(self.includes)
         for t in self.tables:
             files.extend(f for f in (t.file, t.source) if f is not None)
         return files
@@ -216,19 +218,20 @@ def gather(shell: Shell, facts: HostFacts, profile: Profile | None, mail_log: st
     assert facts.config is not None
     text = facts.config.content.decode("utf-8", "replace")
     try:
-        facts.parsed = parse_config(text, facts.config_path, grammar_for(facts.version))
+        facts.parsed = parse_config(
+            text, facts.config_path, grammar_for(facts.version), include=_includer(shell, facts)
+        )
         facts.findings = lint(facts.parsed)
     except ConfigSyntaxError as exc:
         facts.facts.append(Fact("config-grammar", "warn", f"relay-harness cannot parse the config: {exc}"))
-    if facts.parsed is not None and facts.parsed.includes:
-        # What an included file declares (tables, listeners, relay routes) would go unchecked,
-        # and a host whose relay lives there would pass without its relay ever being tried.
-        first = facts.parsed.includes[0]
-        raise AcceptError(
-            f"{shell.name}: {facts.config_path}:{first.line}: include {first.path!r}: relay-harness "
-            "does not follow include, so the tables, listeners and routes there would go unchecked: "
-            "pass --config PATH of a config without include (each included file's text in its place)"
-        )
+    for include in facts.parsed.includes if facts.parsed is not None else ():
+        if not include.path.startswith("/"):
+            raise AcceptError(
+                f"{shell.name}: {facts.config_path}:{include.line}: include {include.path!r} is a relative "
+                "path: which file smtpd read depends on the directory it was started in: pass --config "
+                "PATH of a config that includes by absolute paths"
+            )
+    facts.facts.extend(_include_facts(facts))
     if facts.parsed is not None:
         facts.facts.append(_grammar_fact(facts))
     check = shell.run(f"{shlex.quote(facts.smtpd)} -n -f {shlex.quote(facts.config_path)} 2>&1")
@@ -251,6 +254,42 @@ def gather(shell: Shell, facts: HostFacts, profile: Profile | None, mail_log: st
         if profile is not None:
             facts.facts.extend(_credential_facts(facts, profile))
     facts.facts.append(_log_fact(shell, facts, mail_log))
+
+
+def _includer(shell: Shell, facts: HostFacts) -> Callable[[str], str | None]:
+    """An `include` line's file, read from the host (kept for the unchanged check and the copy)."""
+
+    def read(path: str) -> str | None:
+        if not path.startswith("/"):
+            return None
+        known = next((f for f in facts.includes if f.path == path), None)
+        found = known or read_host_file(shell, path, stat_files(shell, [path])[path])
+        if found is None:
+            return None
+        if known is None:
+            facts.includes.append(found)
+        return found.content.decode("utf-8", "replace")
+
+    return read
+
+
+def _include_facts(facts: HostFacts) -> list[Fact]:
+    """Each file the config includes: read and followed (its statements are the config's), or missing."""
+    out: list[Fact] = []
+    read = {f.path: f for f in facts.includes}
+    for include in facts.parsed.includes if facts.parsed is not None else ():
+        found = read.get(include.path)
+        name = f"include:{include.path}"
+        if found is None:
+            out.append(
+                Fact(name, "fail", f"line {include.line}: include {include.path}: the file does not exist")
+            )
+        else:
+            summary = (
+                f"line {include.line}: include {include.path}: read and followed, {found.stat.describe()}"
+            )
+            out.append(Fact(name, "pass", summary, STAT.format(p=shlex.quote(include.path))))
+    return out
 
 
 def _grammar_fact(facts: HostFacts) -> Fact:

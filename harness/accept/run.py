@@ -31,7 +31,7 @@ from harness.redact import Redactor, secrets_table_credentials
 from harness.relay import ConfigRejected, relay_run
 from harness.smtpdconf import RelayExpectation, expectations
 from harness.targets import CONNECT_TIMEOUT
-from harness.targets.base import Bundle, Target, TargetError
+from harness.targets.base import Bundle, BundleFile, Target, TargetError
 from harness.targets.sandbox import SandboxCapability, probe_capability, sandbox_target
 from harness.targets.select import lab_target
 from harness.targets.shell import SMTPD_GROUP_NAMES, Shell, as_root, connect
@@ -109,8 +109,12 @@ def host_bundle(facts: HostFacts) -> Bundle:
             tables[t.name] = TableInput(content, meta, built=f.content, source_meta=smeta)
         else:
             tables[t.name] = TableInput(f.content, meta)
+    included = [
+        BundleFile(f.path, f.content, f.stat.mode, _owner(f.stat.owner), _group(f.stat.group))
+        for f in facts.includes
+    ]
     config = facts.config.content.decode("utf-8", "replace")
-    return build_bundle(config, facts.parsed, tables, config_path=facts.config_path)
+    return build_bundle(config, facts.parsed, tables, config_path=facts.config_path, extra_files=included)
 
 
 def relay_probe(
