@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from harness.smtpdconf import (
     parse_aliases,
     parse_config,
 )
-from harness.smtpdconf.parse import WIDEST_GRAMMAR
+from harness.smtpdconf.parse import WIDEST_GRAMMAR, newer_grammar_line
 from harness.targets.base import Bundle, BundleFile, Target
 from harness.targets.testnet import CANNOT
 from harness.upstream import Profile
@@ -113,14 +114,19 @@ def read_tables(tables: dict[str, Path]) -> dict[str, bytes]:
     return {name: read_text(path, flag=f"--table {name}=").encode() for name, path in tables.items()}
 
 
-def parse_check_config(inp: CheckInput, errors: list[ConfigSyntaxError] | None = None) -> Config:
-    """The config as smtpd reads it: a file an `include` line names is read from its --file."""
+def _included(inp: CheckInput) -> Callable[[str], str | None]:
+    """A file an `include` line names, read from its --file (None: not given)."""
 
     def included(path: str) -> str | None:
         local = inp.files.get(path)
         return None if local is None else read_text(local, flag=f"--file {path}=")
 
-    return parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR, errors, included)
+    return included
+
+
+def parse_check_config(inp: CheckInput, errors: list[ConfigSyntaxError] | None = None) -> Config:
+    """The config as smtpd reads it: a file an `include` line names is read from its --file."""
+    return parse_config(inp.config_text, str(inp.config_path), WIDEST_GRAMMAR, errors, _included(inp))
 
 
 def check_input(inp: CheckInput) -> None:
@@ -293,6 +299,14 @@ def run_check(target: Target, inp: CheckInput, pki: TestPki) -> CheckReport:
         report.refusal = redactor(refused.check.message or refused.check.output)
         report.refusal_line = refused.check.line
         report.refusal_stage = refused.stage
+        line = refused.check.line
+        newer = newer_grammar_line(inp.config_text, str(inp.config_path), _included(inp))
+        if line is not None and line == newer and "syntax error" in (refused.check.message or ""):
+            report.notes.append(
+                f"line {line} is OpenSMTPD 7.x grammar, which the smtpd of {target.name} refuses: "
+                "if the host the config ships to runs 7.x, check it on 7.x (--target lab:trixie, "
+                "OpenSMTPD 7.6)"
+            )
         report.seconds = time.monotonic() - started
         return report
     report.verdict = "pass" if all(r.ok for r in report.results) else "fail"

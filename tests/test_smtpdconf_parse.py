@@ -14,6 +14,7 @@ from harness.smtpdconf.parse import (
     Literal,
     Match,
     TableRef,
+    newer_grammar_line,
     parse_config,
     parse_file,
 )
@@ -233,6 +234,14 @@ def test_an_included_file_given_is_read_where_the_include_stands() -> None:
     assert "secrets" not in parse_config(text).tables
     with pytest.raises(ConfigSyntaxError, match=r"^/etc/smtpd/bad.conf:3: syntax error"):
         parse_config('include "/etc/smtpd/bad.conf"\n', include=files.get)
+
+
+def test_newer_grammar_line_is_a_line_only_7x_accepts() -> None:
+    relay = 'action "r" relay host smtp+tls://smtp.example.net:587'
+    text = f'listen on lo\n{relay} \\\n  protocols "tlsv1.3"\nmatch for any action "r"\n'
+    assert newer_grammar_line(text) == 3  # the line of the word 6.8 refuses, as smtpd says it
+    assert newer_grammar_line(f"listen on lo\n{relay}\n") is None
+    assert newer_grammar_line(text + "listen on any\n") is None  # 7.x refuses it too
 
 
 def test_backup_and_domain() -> None:

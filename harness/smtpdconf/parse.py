@@ -1167,6 +1167,22 @@ def _feed(builder: _Builder, text: str, path: str) -> None:
         builder.add(tokens)
 
 
+def newer_grammar_line(
+    text: str, path: str = "smtpd.conf", include: Callable[[str], str | None] | None = None
+) -> int | None:
+    """The first line smtpd 6.8's grammar refuses in a config OpenSMTPD 7.x's accepts (`protocols`,
+    `ciphers` on a relay; None: no such line): a 6.8 target's `syntax error` there is 7.x grammar."""
+    try:
+        parse_config(text, path, DEFAULT_GRAMMAR, include=include)
+    except ConfigSyntaxError as old:
+        try:
+            parse_config(text, path, WIDEST_GRAMMAR, include=include)
+        except ConfigSyntaxError:
+            return None
+        return old.line
+    return None
+
+
 def parse_file(path: str | os.PathLike[str]) -> Config:
     """Read and parse a file; errors name the file as given, like `smtpd -f`."""
     # newline="": smtpd sees a CR as a stray character (CRLF files are a syntax error).
