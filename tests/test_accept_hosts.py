@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
-from test_accept import ALIASES, PROVIDER, accept, config, fact, lab_factory, make_real, secrets
+from test_accept import ALIASES, FAILING_LOG, PROVIDER, accept, config, fact, lab_factory, make_real, secrets
 
 from harness.accept.facts import AcceptError
 from harness.accept.locate import config_option, systemd_exec_start
@@ -252,3 +252,27 @@ def test_an_included_file_that_is_missing_fails_as_smtpd_does(relay_lab: Lab, la
     status, summary = fact(report, "include:/etc/mail/relay.conf")
     assert status == "fail" and "the file does not exist" in summary, summary
     assert fact(report, "smtpd-n")[0] == "fail" and not report.ok
+
+
+def test_a_table_named_by_a_relative_path_fails_as_smtpd_refuses_it(
+    relay_lab: Lab, lab_host: LabHost
+) -> None:
+    """`file:mail/secrets`: smtpd says `invalid backend parameter for table`, and so does the
+    harness's parser; nothing in the login's home directory (/root here) is read for it."""
+    conf = config().replace("file:/etc/mail/secrets", "file:mail/secrets")
+    files = (ALIASES, replace(secrets(), path="/root/mail/secrets"))
+    make_real(lab_host, conf, files, start="")
+    report = accept(relay_lab, lab_host, relay=False)
+    status, summary = fact(report, "config-grammar")
+    assert status == "warn" and "invalid backend parameter for table" in summary, summary
+    assert fact(report, "smtpd-n")[0] == "fail" and not report.ok
+    assert "/root/mail/secrets" not in fact(report, "host-unchanged")[1]
+
+
+def test_the_mail_log_of_a_host_that_logs_to_var_log_messages(relay_lab: Lab, lab_host: LabHost) -> None:
+    """Alpine's busybox syslogd writes every facility to /var/log/messages: its smtpd lines count."""
+    make_real(lab_host, log=FAILING_LOG, after="mv /var/log/mail.log /var/log/messages")
+    report = accept(relay_lab, lab_host, relay=False)
+    log = next(f for f in report.facts if f.name == "mail-log")
+    assert log.status == "fail" and "authentication failed (1)" in log.summary, log.summary
+    assert log.command == "tail -n 5000 /var/log/messages"

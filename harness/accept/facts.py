@@ -35,7 +35,8 @@ from harness.targets.shell import CommandResult, Shell
 from harness.upstream import Profile
 
 Status = Literal["pass", "fail", "warn", "info"]
-MAIL_LOGS = ("/var/log/mail.log", "/var/log/maillog")
+# Debian and Ubuntu, the BSDs (and Fedora with rsyslog), Alpine (busybox syslogd logs everything there).
+MAIL_LOGS = ("/var/log/mail.log", "/var/log/maillog", "/var/log/messages")
 LOG_LINES = 5000
 MAX_QUOTED = 5
 SEARCH_PATH = "PATH=$PATH:/usr/sbin:/sbin:/usr/local/sbin"
