@@ -87,16 +87,27 @@ class Bundle:
 
         if self.config is None:
             return None
-        given = {f.path: f.content for f in self.files}
-
-        def included(path: str) -> str | None:  # an `include` line's file, if the bundle has it
-            content = given.get(path)
-            return None if content is None else content.decode("utf-8", "surrogateescape")
-
         try:
-            return parse_config(self.config, self.config_path, WIDEST_GRAMMAR, include=included)
+            return parse_config(self.config, self.config_path, WIDEST_GRAMMAR, include=self._included)
         except ConfigSyntaxError:
             return None
+
+    @functools.cached_property
+    def readable(self) -> Config | None:
+        """What can be read of a config smtpd will refuse (its statements up to and around the
+        errors, as smtpd's parser goes on): what it listens on is still made, so smtpd names the
+        config's own error rather than an interface the test host lacked. None: no text."""
+        from harness.smtpdconf import parse_config
+        from harness.smtpdconf.parse import WIDEST_GRAMMAR
+
+        if self.config is None:
+            return None
+        return parse_config(self.config, self.config_path, WIDEST_GRAMMAR, errors=[], include=self._included)
+
+    def _included(self, path: str) -> str | None:
+        """An `include` line's file, if the bundle has it."""
+        content = next((f.content for f in self.files if f.path == path), None)
+        return None if content is None else content.decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)

@@ -774,9 +774,14 @@ class LabTarget(SmtpdTarget):
         self._upstream = upstream
 
     def install(self, bundle: Bundle) -> None:
-        config = bundle.parsed  # None: smtpd judges it; nothing to make for it
+        config = bundle.parsed  # None: smtpd judges it; nothing to check for it
         if config is not None:
             self.host.provide(listen_needs(config))
+        elif (readable := bundle.readable) is not None:
+            # smtpd refuses it for its own error; what it listens on is made so smtpd says that
+            # error, and what cannot be made is left to smtpd's words too
+            with contextlib.suppress(LabError):
+                self.host.provide(listen_needs(readable))
         super().install(bundle)
         made: list[str] = []
         self._inside = None
