@@ -76,6 +76,7 @@ def test_f_is_read_as_smtpds_getopt_reads_it() -> None:
     assert config_option(["-T", "-f", "x"]) is None  # -T took "-f" as its argument
     assert config_option(["-d", "--", "-f", "x"]) is None
     assert config_option(["-v"]) is None
+    assert config_option(["-f", "/etc/smtpd.conf", "-x", "lookup"]) == "/etc/smtpd.conf"  # a child
 
 
 def test_a_systemd_units_exec_start_is_read_from_systemctl_show() -> None:
@@ -276,3 +277,28 @@ def test_the_mail_log_of_a_host_that_logs_to_var_log_messages(relay_lab: Lab, la
     log = next(f for f in report.facts if f.name == "mail-log")
     assert log.status == "fail" and "authentication failed (1)" in log.summary, log.summary
     assert log.command == "tail -n 5000 /var/log/messages"
+
+
+def test_two_smtpd_with_different_configs_is_exit_2_and_config_chooses(
+    relay_lab: Lab, lab_host: LabHost
+) -> None:
+    """A second instance (its own mount namespace for its queue and control socket, as two
+    instances need): which one to check cannot be guessed."""
+    target = make_real(lab_host)
+    target.write_file(
+        "/etc/smtpd/other.conf", b"listen on socket\naction l mbox\nmatch from local for local action l\n"
+    )
+    target.check(
+        "unshare --mount --propagation private sh -c 'mount -t tmpfs rh-run /run && "
+        "mount -t tmpfs rh-spool /var/spool && mkdir -m 0711 /var/spool/smtpd && "
+        "/usr/sbin/smtpd -f /etc/smtpd/other.conf'"
+    )
+    with pytest.raises(AcceptError) as raised:
+        accept(relay_lab, lab_host, relay=False)
+    message = str(raised.value)
+    assert f"root@{lab_host.address}: several smtpd run with different configs" in message, message
+    assert "/etc/smtpd.conf" in message and "/etc/smtpd/other.conf" in message
+    assert "pass --config PATH" in message
+    chosen = accept(relay_lab, lab_host, relay=False, config="/etc/smtpd.conf")
+    assert chosen.config_path == "/etc/smtpd.conf" and chosen.ok, text_report(chosen)
+    assert "--config (the host does not say: " in fact(chosen, "config-location")[1]

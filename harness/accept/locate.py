@@ -29,8 +29,9 @@ CONFIG_CANDIDATES = (
 )
 # The group smtpd's unprivileged processes run as, by system: a secrets table must be readable by it.
 SMTPD_GROUPS = SMTPD_GROUP_NAMES[0]
-# smtpd's options that take an argument (smtpd.c's getopt string "B:dD:hnP:f:FT:v").
-_WITH_ARGUMENT = "BDPfT"
+# smtpd's options that take an argument (smtpd.c's getopt string "B:dD:hnP:f:FT:vx:"; a child
+# re-executed as `-x PROC` shows its parent's arguments until it retitles itself).
+_WITH_ARGUMENT = "BDPfTx"
 # The group as a number: ps cuts long names to fit its column (`opensmt+`).
 PROCESSES = "ps -A -o pid= -o gid= -o args= 2>/dev/null || ps -o pid,gid,args"
 DEFAULT_IN_BINARY = r"grep -a -o '/[-_./A-Za-z0-9]*smtpd\.conf' {smtpd} | sort -u"
