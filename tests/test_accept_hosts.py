@@ -301,4 +301,6 @@ def test_two_smtpd_with_different_configs_is_exit_2_and_config_chooses(
     assert "pass --config PATH" in message
     chosen = accept(relay_lab, lab_host, relay=False, config="/etc/smtpd.conf")
     assert chosen.config_path == "/etc/smtpd.conf" and chosen.ok, text_report(chosen)
-    assert "--config (the host does not say: " in fact(chosen, "config-location")[1]
+    said = fact(chosen, "config-location")[1]
+    assert said.startswith("config /etc/smtpd.conf: --config (the host does not say: several smtpd run"), said
+    assert "pass --config" not in said

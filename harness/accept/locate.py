@@ -108,14 +108,18 @@ def systemd_exec_start(show: str) -> tuple[str, ...] | None:
         return tuple(m.group(1).split())
 
 
-def _unknowable(shell: Shell, why: str) -> AcceptError:
-    return AcceptError(f"{shell.name}: {why}: pass --config PATH (the config smtpd runs with)")
+class Unknowable(AcceptError):
+    """The host does not say where its config is; `why` says what it did say."""
+
+    def __init__(self, shell: Shell, why: str) -> None:
+        super().__init__(f"{shell.name}: {why}: pass --config PATH (the config smtpd runs with)")
+        self.why = why
 
 
 def _from_args(shell: Shell, args: tuple[str, ...], where: str) -> str | None:
     path = config_option(args[1:])
     if path is not None and not path.startswith("/"):
-        raise _unknowable(shell, f"{where} names its config by a relative path (-f {path})")
+        raise Unknowable(shell, f"{where} names its config by a relative path (-f {path})")
     return path
 
 
@@ -129,8 +133,10 @@ def locate_config(
         return _ask(shell, smtpd, service, listing)
     try:
         own, groups = _ask(shell, smtpd, service, listing)
-    except AcceptError as exc:
-        return Location(given, f"--config (the host does not say: {exc})"), running_smtpds(listing.stdout)[1]
+    except Unknowable as exc:
+        return Location(given, f"--config (the host does not say: {exc.why})"), running_smtpds(
+            listing.stdout
+        )[1]
     how = "--config" if own.path == given else f"--config (the host's smtpd reads {own.path}: {own.how})"
     return Location(given, how, own.command, own.output), groups
 
@@ -143,7 +149,7 @@ def _ask(shell: Shell, smtpd: str, service: str, listing: CommandResult) -> tupl
         named = {c for c in configs.values() if c is not None}
         if len(set(configs.values())) > 1:
             seen = ", ".join(f"pid {pid}: {c or 'its default'}" for pid, c in sorted(configs.items()))
-            raise _unknowable(shell, f"several smtpd run with different configs ({seen})")
+            raise Unknowable(shell, f"several smtpd run with different configs ({seen})")
         if named:
             path = named.pop()
             parent = parents[0]
@@ -188,7 +194,7 @@ def _compiled_default(shell: Shell, smtpd: str, why: str) -> Location:
         if present
         else f"no config at {' or '.join(CONFIG_CANDIDATES)}"
     )
-    raise _unknowable(shell, f"{why}, {smtpd} names no single default, and there are {what}")
+    raise Unknowable(shell, f"{why}, {smtpd} names no single default, and there are {what}")
 
 
 def smtpd_group(shell: Shell, running: set[str]) -> tuple[str, CommandResult | None]:
