@@ -41,6 +41,7 @@ from harness.smtpdconf import (
     lint,
     parse_aliases,
     parse_config,
+    queue_key_prompt,
 )
 from harness.smtpdconf.parse import WIDEST_GRAMMAR, newer_grammar_line
 from harness.targets.base import Bundle, BundleFile, Target
@@ -141,6 +142,14 @@ def check_input(inp: CheckInput) -> None:
         config = parse_check_config(inp)
     except ConfigSyntaxError:
         return
+    prompt = queue_key_prompt(config)
+    if prompt is not None:
+        raise CheckUsageError(
+            f"{CANNOT} the queue key smtpd asks for when it starts ({inp.config_path}:{prompt}: "
+            "`queue encryption` without a key reads it from the terminal, `queue encryption stdin` "
+            "from its input): a test host has no one to type it, and smtpd would wait; check a copy "
+            "with a key of its own (`queue encryption KEY`, KEY from `openssl rand -hex 16`)"
+        )
     for include in config.includes:
         if include.path.startswith("/") and include.path not in inp.files:
             raise CheckUsageError(

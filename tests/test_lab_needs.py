@@ -19,6 +19,7 @@ from harness.smtpdconf import (
     lmtp_servers,
     parse_config,
     programs,
+    queue_key_prompt,
     relay_sources,
 )
 from harness.targets.base import Bundle, BundleFile
@@ -157,6 +158,14 @@ def test_relay_sources_are_every_src_address_inline_or_in_a_table() -> None:
     ]
     # a file table not given has no addresses to know; smtpd judges the rest
     assert [s.action for s in relay_sources(parse_config(SOURCES))] == ["a", "c"]
+
+
+def test_a_queue_key_smtpd_asks_for_at_start_is_found() -> None:
+    head = "listen on lo\nqueue compression\n"
+    assert queue_key_prompt(parse_config(head + "queue encryption\n")) == 3
+    assert queue_key_prompt(parse_config(head + "queue encryption stdin\n")) == 3
+    assert queue_key_prompt(parse_config(head + "queue encryption 3f4a9c1e07b2d6a85e1f0c9b\n")) is None
+    assert queue_key_prompt(parse_config(head)) is None
 
 
 def test_a_relay_src_is_the_hosts_and_the_upstream_answers_it_inside(

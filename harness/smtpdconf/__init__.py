@@ -19,6 +19,7 @@ from harness.smtpdconf.needs import (
     listen_needs,
     lmtp_servers,
     programs,
+    queue_key_prompt,
     relay_sources,
     tls_listeners,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "parse_file",
     "parse_relay_url",
     "programs",
+    "queue_key_prompt",
     "relay_sources",
     "relay_urls",
     "rewrite_sender",

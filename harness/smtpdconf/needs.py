@@ -311,3 +311,14 @@ def _list_values(content: bytes) -> tuple[str, ...]:
         if words:
             values.append(words[0])
     return tuple(values)
+
+
+def queue_key_prompt(config: Config) -> int | None:
+    """The line of a `queue encryption` whose key smtpd asks for when it starts (smtpd.c: no key,
+    getpass(3) from the terminal; `stdin`, a line of its standard input), None if there is none:
+    a host's admin types or pipes it at boot, a test host has no one to, and smtpd waits."""
+    for raw in config.raw:
+        words = [w.lower() for w in raw.words]
+        if raw.keyword == "queue" and words[1:2] == ["encryption"] and words[2:] in ([], ["stdin"]):
+            return raw.line
+    return None
