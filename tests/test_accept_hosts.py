@@ -304,3 +304,25 @@ def test_two_smtpd_with_different_configs_is_exit_2_and_config_chooses(
     said = fact(chosen, "config-location")[1]
     assert said.startswith("config /etc/smtpd.conf: --config (the host does not say: several smtpd run"), said
     assert "pass --config" not in said
+
+
+def test_an_smtpd_in_a_container_is_not_the_hosts(relay_lab: Lab, lab_host: LabHost) -> None:
+    """A container's smtpd shows in the host's process list with its -f path, a path inside the
+    container's own root: the host's smtpd is the one whose root is the host's."""
+    target = make_real(lab_host)
+    container = (  # its own root: the host's directories bound in, its own queue and /run
+        "mkdir -p /srv/ct && mount -t tmpfs rh-ct /srv/ct && cd /srv/ct && "
+        "for d in usr lib lib64 bin sbin etc dev var; do [ -e /$d ] || continue; "
+        "if [ -L /$d ]; then ln -s $(readlink /$d) $d; else mkdir $d && mount --rbind /$d $d; fi; done && "
+        "mkdir -p run tmp ct && printf 'listen on socket\\naction l mbox\\n"
+        "match from local for local action l\\n' > ct/smtpd.conf && "
+        "unshare --mount --propagation private sh -c 'mount -t tmpfs rh-ct-spool var/spool && "
+        "mkdir -m 0711 var/spool/smtpd && exec chroot /srv/ct /usr/sbin/smtpd -f /ct/smtpd.conf' && "
+        "for i in $(seq 100); do [ -S /srv/ct/run/smtpd.sock ] && exit 0; sleep 0.05; done; exit 1"
+    )
+    target.check(container)
+    assert "-f /ct/smtpd.conf" in target.check("ps -A -o args=").stdout  # seen from the host
+    report = accept(relay_lab, lab_host, relay=False)
+    text = text_report(report)
+    assert report.config_path == "/etc/smtpd.conf" and report.ok, text
+    assert "the running smtpd (pid " in fact(report, "config-location")[1], text

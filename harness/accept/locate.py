@@ -141,8 +141,27 @@ def locate_config(
     return Location(given, how, own.command, own.output), groups
 
 
+def own_root(shell: Shell, parents: list[RunningSmtpd]) -> list[RunningSmtpd]:
+    """The smtpd whose root directory is the host's: one in a container (another root, seen in
+    the host's process list) reads its `-f` path inside that root, not this host's file.
+    Where /proc cannot say (not Linux), all of them."""
+    if not parents:
+        return parents
+    pids = " ".join(p.pid for p in parents)
+    res = shell.run(
+        "stat -L -c %d:%i / 2>/dev/null && for p in " + pids + "; do "
+        'echo "$p $(stat -L -c %d:%i /proc/$p/root 2>/dev/null)"; done'
+    )
+    lines = res.stdout.splitlines()
+    if res.returncode != 0 or not lines:
+        return parents
+    ours, roots = lines[0].strip(), dict(line.split(None, 1) for line in lines[1:] if len(line.split()) == 2)
+    return [p for p in parents if roots.get(p.pid, ours) == ours]
+
+
 def _ask(shell: Shell, smtpd: str, service: str, listing: CommandResult) -> tuple[Location, set[str]]:
     parents, groups = running_smtpds(listing.stdout)
+    parents = own_root(shell, parents)
     shown = "\n".join(line for line in listing.stdout.splitlines() if "smtpd" in line)
     if parents:
         configs = {p.pid: _from_args(shell, p.args, f"the running smtpd (pid {p.pid})") for p in parents}
