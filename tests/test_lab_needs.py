@@ -194,6 +194,8 @@ def test_a_relay_src_is_the_hosts_and_the_upstream_answers_it_inside(
         assert [s.peer.startswith("192.0.2.40:") for s in upstream.recorder.sessions] == [True]
         target.install(Bundle(config.replace(" src 192.0.2.40", "")))
         assert target.upstream_address() == lab_host.upstream_address
+        with pytest.raises(LabError, match=r"address 198\.51\.100\.50: .*; send from another address$"):
+            target.install(Bundle(config.replace("192.0.2.40", "198.51.100.50")))
 
 
 def test_a_relay_urls_address_is_served_inside_the_host_only(lab_host: LabHost, relay_pki: TestPki) -> None:

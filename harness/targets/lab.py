@@ -513,13 +513,16 @@ class LabHost:
         return notes
 
     def _assign(
-        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, present: dict[str, str]
+        self,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        present: dict[str, str],
+        use: str = "listen on",
     ) -> bool:
         """ADDRESS on the host's eth0, as the host the config ships to has it on an interface;
         False where it is there already (0.0.0.0, ::, 127.0.0.0/8, ::1, one assigned before)."""
         if address.is_unspecified or address.is_loopback or str(address) in present:
             return False
-        problem = address_problem(address)
+        problem = address_problem(address, use)
         if problem is not None:
             raise LabError(problem)
         size = 32 if address.version == 4 else 128
@@ -538,7 +541,7 @@ class LabHost:
         notes = [
             f'relay src {s.address} (action "{s.action}", line {s.line}): assigned to the test host\'s eth0'
             for s in sources
-            if self._assign(ipaddress.ip_address(s.address), present)
+            if self._assign(ipaddress.ip_address(s.address), present, "send from")
         ]
         self.notes.extend(notes)
         return notes

@@ -38,12 +38,15 @@ def interface_problem(base: str, name: str) -> str | None:
     return None
 
 
-def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why a test host cannot have `address`; None if it can."""
+def address_problem(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, use: str = "listen on"
+) -> str | None:
+    """Why a test host cannot have `address`; None if it can. `use`: what the config does with
+    it (`listen on`, `send from` for a relay's src), for the advice."""
     if address.version == 4 and address in LAB_NETWORK:
         return (
             f"{CANNOT} address {address}: it is in the lab's own network "
-            f"{LAB_NETWORK}, which joins test hosts to this machine; listen on another address"
+            f"{LAB_NETWORK}, which joins test hosts to this machine; {use} another address"
         )
     return None
 
