@@ -11,6 +11,7 @@ import logging
 import smtplib
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 
@@ -618,3 +619,36 @@ def test_password_in_no_record_repr_or_log(pki: TestPki, caplog: pytest.LogCaptu
     for where, text in texts.items():
         for secret in _secret_forms(PASSWORD) + _secret_forms(wrong):
             assert secret not in text, f"a form of a password appears in the {where}"
+
+
+# --- what asyncio would print -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "printed"),
+    [
+        (ConnectionResetError(104, "Connection reset by peer"), False),
+        (ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca"), False),
+        (BrokenPipeError(32, "Broken pipe"), False),
+        (RuntimeError("a bug of ours"), True),  # the twin: not a peer's doing, printed as ever
+    ],
+    ids=["reset", "tls-alert", "broken-pipe", "our-bug"],
+)
+def test_a_peer_that_hangs_up_prints_no_traceback(
+    pki: TestPki, caplog: pytest.LogCaptureFixture, exc: BaseException, printed: bool
+) -> None:
+    """A client that gave up on our certificate and reset the connection (swaks against another
+    CA, under load) left `Future exception was never retrieved ... Connection reset by peer` on
+    the stderr of `relay-harness upstream`: asyncio's own handler hook, given what it is given."""
+    with serve(pki, profile()) as server, caplog.at_level(logging.ERROR, logger="asyncio"):
+        loop = server._loop
+        assert loop is not None
+        done = threading.Event()
+
+        def report() -> None:
+            loop.call_exception_handler({"message": "Future exception was never retrieved", "exception": exc})
+            done.set()
+
+        loop.call_soon_threadsafe(report)
+        assert done.wait(TIMEOUT)
+    assert any(r.name == "asyncio" for r in caplog.records) == printed, caplog.records

@@ -518,6 +518,7 @@ class UpstreamServer:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            loop.set_exception_handler(_quiet_about_peers)
             self._loop = loop
             try:
                 if self.listening:
@@ -586,6 +587,16 @@ class UpstreamServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _quiet_about_peers(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A peer that resets its connection or breaks off TLS is the peer's doing, and its session's
+    record says so; asyncio would print it as a traceback (`Future exception was never
+    retrieved ... Connection reset by peer`, a client that gave up on our certificate, under load)
+    on the stderr of `relay-harness upstream`. Anything else is reported as asyncio would."""
+    if isinstance(context.get("exception"), (ConnectionError, ssl.SSLError)):
+        return
+    loop.default_exception_handler(context)
 
 
 def _addresses(peers: Iterable[str]) -> Iterator[IPAddress]:
