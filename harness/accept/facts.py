@@ -31,7 +31,7 @@ from harness.smtpdconf import (
     parse_config,
 )
 from harness.smtpdconf.parse import grammar_for
-from harness.targets.shell import CommandResult, Shell
+from harness.targets.shell import SEARCH_PATH, CommandResult, Shell, find_smtpd, smtpd_version
 from harness.upstream import Profile
 
 Status = Literal["pass", "fail", "warn", "info"]
@@ -39,7 +39,6 @@ Status = Literal["pass", "fail", "warn", "info"]
 MAIL_LOGS = ("/var/log/mail.log", "/var/log/maillog", "/var/log/messages")
 LOG_LINES = 5000
 MAX_QUOTED = 5
-SEARCH_PATH = "PATH=$PATH:/usr/sbin:/sbin:/usr/local/sbin"
 
 
 @dataclass
@@ -174,16 +173,16 @@ def debian_release(os_release: str) -> str:
 def preflight(shell: Shell, config_path: str | None) -> HostFacts:
     """What must hold for any check to mean something; AcceptError (exit 2) otherwise."""
     facts = HostFacts(shell.name)
-    found = shell.run(f"{SEARCH_PATH} command -v smtpd")
-    if found.returncode != 0 or not found.stdout.strip():
+    smtpd = find_smtpd(shell)
+    if smtpd is None:
         raise AcceptError(f"{shell.name}: OpenSMTPD is not installed (no smtpd in PATH or /usr/sbin)")
-    facts.smtpd = found.stdout.strip().splitlines()[0]
+    facts.smtpd = smtpd
     facts.os_name = shell.run("uname -sr").stdout.strip()
     facts.debian_release = debian_release(shell.run("cat /etc/os-release 2>/dev/null").stdout)
     version = shell.run(f"{shlex.quote(facts.smtpd)} -h 2>&1")
-    m = re.search(r"OpenSMTPD\s+(\S+)", version.output)
-    if m:
-        facts.version = m.group(1)
+    said = smtpd_version(version.output)
+    if said is not None:
+        facts.version = said
     elif facts.os_name.startswith("OpenBSD"):
         facts.version = facts.os_name.split()[-1]  # OpenBSD's smtpd is versioned with the OS
     else:

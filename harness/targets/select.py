@@ -12,6 +12,7 @@ why, naming the host's smtpd version.
 from __future__ import annotations
 
 import contextlib
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +76,16 @@ def lab_target(pki: TestPki, release: str | None = None) -> Iterator[Target]:
 def host_sandbox(spec: TargetSpec, service_port: int) -> Iterator[Target]:
     """The host's own smtpd in a sandbox on it; SandboxUnavailable when the host cannot."""
     from harness.targets.sandbox import SandboxUnavailable, probe_capability, sandbox_target
-    from harness.targets.shell import as_root, connect
+    from harness.targets.shell import as_root, connect, find_smtpd, smtpd_version
 
     shell = connect(spec.text, spec.identity, spec.known_hosts)
     try:
         root = as_root(shell)
-        smtpd = root.run("PATH=$PATH:/usr/sbin:/sbin:/usr/local/sbin command -v smtpd").stdout.strip()
-        version = root.run(f"{smtpd or 'smtpd'} -h 2>&1 | sed -n 's/^version: //p'").stdout.strip()
-        if not smtpd:
+        smtpd = find_smtpd(root)
+        if smtpd is None:
             raise TargetError(f"{shell.name}: OpenSMTPD is not installed (no smtpd on PATH)")
+        number = smtpd_version(root.run(f"{shlex.quote(smtpd)} -h 2>&1").output)
+        version = f"OpenSMTPD {number}" if number else ""
         capability = probe_capability(root.run)
         if capability.reason is not None:
             raise SandboxUnavailable(f"{shell.name} ({version or 'OpenSMTPD'}): {capability.reason}")

@@ -32,6 +32,24 @@ from harness.userfiles import read_bytes, read_text
 SMTPD_GROUP_NAMES = (("_smtpd", "opensmtpd", "smtpd"), ("_smtpq", "opensmtpq", "smtpq"))
 
 
+# Where systems put smtpd and its tools (Debian /usr/sbin, FreeBSD /usr/local/sbin), for a login
+# whose PATH lacks them.
+SEARCH_PATH = "PATH=$PATH:/usr/sbin:/sbin:/usr/local/sbin"
+
+
+def find_smtpd(shell: Shell) -> str | None:
+    """The path of the host's smtpd program, or None when it has none."""
+    found = shell.run(f"{SEARCH_PATH} command -v smtpd")
+    paths = found.stdout.strip().splitlines()
+    return paths[0] if found.returncode == 0 and paths else None
+
+
+def smtpd_version(said: str) -> str | None:
+    """The version in what `smtpd -h` printed (`version: OpenSMTPD 6.8.0p2`): `6.8.0p2`."""
+    m = re.search(r"OpenSMTPD\s+(\S+)", said)
+    return m.group(1) if m else None
+
+
 def group_alternatives(group: str) -> tuple[str, ...]:
     """`group`, then the other systems' names for it (just `group` for any other group)."""
     for family in SMTPD_GROUP_NAMES:
