@@ -154,18 +154,19 @@ def exited_why(lines: list[str], bundle: Bundle) -> str:
     # here, not at the top: harness.targets.smtpd imports paramiko, which the emulated path never needs
     from harness.targets.smtpd import startup_failure
 
-    why = backend_server_why(lines, bundle)
-    if why is not None:
-        return why
-    return f"smtpd exited while the probes ran: `{startup_failure(lines) or 'no reason logged'}`"
+    cause = startup_failure(lines)
+    return _server_why(cause, bundle) or f"smtpd exited while the probes ran: `{cause or 'no reason logged'}`"
 
 
 def backend_server_why(lines: list[str], bundle: Bundle) -> str | None:
     """A table backend that cannot reach its server (ldap:, mysql:, postgres:, redis:) needs a
     server the test host does not run: that, with smtpd's line, or None if that is not why."""
-    from harness.targets.smtpd import startup_failure
+    from harness.targets.smtpd import startup_failure  # (see exited_why)
 
-    cause = startup_failure(lines)
+    return _server_why(startup_failure(lines), bundle)
+
+
+def _server_why(cause: str | None, bundle: Bundle) -> str | None:
     m = _BACKEND_FATAL.match(cause or "")
     config = bundle.parsed
     if m is None or config is None:
